@@ -1,0 +1,50 @@
+# spotfi-agent developer commands. Every target does its own set-up on a
+# fresh Debian machine: system packages through apt-get when missing, Python
+# packages into .venv.
+
+PYTHON ?= python3
+VENV := .venv
+VENV_PY := $(VENV)/bin/python
+VENV_STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+# Debian packages the suite and the demo run for real.
+SYSTEM_PACKAGES := mosquitto mosquitto-clients redis-server
+SYSTEM_COMMANDS := mosquitto mosquitto_passwd redis-server
+
+export PYTHONPATH := $(CURDIR)/agent:$(CURDIR)/refapi:$(CURDIR)/tools
+
+.PHONY: all test demo bench system-deps venv clean
+
+all: test
+
+system-deps:
+	@missing=""; \
+	for cmd in $(SYSTEM_COMMANDS); do \
+		PATH="$$PATH:/usr/sbin:/sbin" command -v "$$cmd" >/dev/null 2>&1 || missing="yes"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "Installing Debian packages: $(SYSTEM_PACKAGES)"; \
+		if [ "$$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi; \
+		$$sudo apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); \
+	fi
+
+$(VENV_STAMP): requirements/agent.txt requirements/dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV_PY) -m pip install -q --disable-pip-version-check -r requirements/dev.txt
+	touch $@
+
+venv: $(VENV_STAMP)
+
+test: system-deps venv
+	$(VENV_PY) -m pytest $(PYTEST_ARGS) tests
+
+demo: system-deps venv
+	$(VENV_PY) tools/demo.py
+
+bench: system-deps venv
+	$(VENV_PY) tools/bench.py --output docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) dist build .pytest_cache

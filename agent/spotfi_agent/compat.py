@@ -1,0 +1,54 @@
+"""Differences between CPython and MicroPython, kept in one place.
+
+The agent's core imports from here instead of testing the runtime itself.
+"""
+
+import sys
+import time
+
+MICROPYTHON = sys.implementation.name == "micropython"
+
+try:
+    monotonic = time.monotonic
+except AttributeError:  # MicroPython: ticks wrap, so fold them into a growing total.
+    _ticks_last = [time.ticks_ms(), 0]
+
+    def monotonic():
+        now = time.ticks_ms()
+        _ticks_last[1] += time.ticks_diff(now, _ticks_last[0])
+        _ticks_last[0] = now
+        return _ticks_last[1] / 1000.0
+
+
+def path_join(*parts):
+    """Join path parts with "/" (MicroPython has no os.path)."""
+    result = ""
+    for part in parts:
+        if not part:
+            continue
+        if part.startswith("/") or not result:
+            result = part
+        elif result.endswith("/"):
+            result = result + part
+        else:
+            result = result + "/" + part
+    return result
+
+
+def read_text(path, limit=1048576):
+    """Return the text of a file, or None when it does not exist or cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(limit)
+    except OSError:
+        return None
+    return data.decode("utf-8", "replace")
+
+
+def is_file(path):
+    import os
+    try:
+        mode = os.stat(path)[0]
+    except OSError:
+        return False
+    return mode & 0o170000 == 0o100000

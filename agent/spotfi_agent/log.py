@@ -1,0 +1,76 @@
+"""Logging to stderr, through the `logging` module where the runtime has one.
+
+procd passes the agent's stderr to logd, so `logread -e spotfi` shows these
+lines. MicroPython has no `logging`, so a small stand-in with the same call
+signatures is used there.
+"""
+
+import sys
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+try:
+    import logging as _logging
+except ImportError:
+    _logging = None
+
+
+class _StderrLogger:
+    """The subset of logging.Logger the agent uses, for runtimes without `logging`."""
+
+    threshold = [20]
+
+    def __init__(self, name):
+        self.name = name
+
+    def _emit(self, level, label, message, args):
+        if level < self.threshold[0]:
+            return
+        if args:
+            try:
+                message = message % args
+            except (TypeError, ValueError):
+                message = "%s %r" % (message, args)
+        sys.stderr.write("%s %s: %s\n" % (label, self.name, message))
+
+    def debug(self, message, *args):
+        self._emit(10, "DEBUG", message, args)
+
+    def info(self, message, *args):
+        self._emit(20, "INFO", message, args)
+
+    def warning(self, message, *args):
+        self._emit(30, "WARNING", message, args)
+
+    def error(self, message, *args):
+        self._emit(40, "ERROR", message, args)
+
+    def exception(self, message, *args):
+        self._emit(40, "ERROR", message, args)
+        error = sys.exc_info()[1] if hasattr(sys, "exc_info") else None
+        if error is not None:
+            sys.print_exception(error, sys.stderr)
+
+    def isEnabledFor(self, level):
+        return level >= self.threshold[0]
+
+
+def get_logger(name):
+    if _logging is not None:
+        return _logging.getLogger(name)
+    return _StderrLogger(name)
+
+
+def configure(level_name):
+    """Send log lines to stderr at `level_name` (debug, info, warning or error)."""
+    level = LEVELS.get(level_name, 20)
+    if _logging is None:
+        _StderrLogger.threshold[0] = level
+        return
+    handler = _logging.StreamHandler(sys.stderr)
+    # procd and logd add their own timestamps, so the line starts with the level.
+    handler.setFormatter(_logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = _logging.getLogger("spotfi_agent")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False

@@ -1,0 +1,58 @@
+"""Shared fixtures: a real mosquitto and redis-server on free 127.0.0.1 ports.
+
+Servers are started by the fixtures and stopped by the PID they started. A
+missing server binary skips the tests that need it, except under CI=true,
+where it fails them: CI must install what the suite needs.
+"""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for folder in ("agent", "refapi", "tools"):
+    path = os.path.join(ROOT, folder)
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import localservices  # noqa: E402
+
+
+def _require(name):
+    try:
+        localservices.find_binary(name)
+    except localservices.ServiceError as error:
+        if os.environ.get("CI") == "true":
+            pytest.fail(str(error))
+        pytest.skip(str(error))
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory):
+    """A mosquitto broker for the whole session, anonymous access allowed."""
+    _require("mosquitto")
+    service = localservices.mosquitto(str(tmp_path_factory.mktemp("mosquitto")))
+    service.start()
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def private_mosquitto(tmp_path):
+    """A mosquitto broker of the test's own, for tests that stop or restart it."""
+    _require("mosquitto")
+    service = localservices.mosquitto(str(tmp_path / "mosquitto"))
+    service.start()
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A redis-server for the whole session; tests use their own key prefixes or databases."""
+    _require("redis-server")
+    service = localservices.redis(str(tmp_path_factory.mktemp("redis")))
+    service.start()
+    yield service
+    service.stop()
