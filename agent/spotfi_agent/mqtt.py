@@ -1,0 +1,446 @@
+"""The agent's own MQTT 3.1.1 client, driven by spotfi_agent.loop.
+
+It is the default transport because it costs a fraction of paho-mqtt's memory
+and start-up time (see docs/benchmarks.md), and it runs on MicroPython. It
+sends keepalive pings by itself, treats a silent broker as a lost connection,
+retransmits unacknowledged QoS 1 messages after a reconnect, and never blocks
+the loop: connect, TLS handshake, reads and writes are all non-blocking.
+
+Callbacks (attributes, each optional):
+    on_connect(session_present)
+    on_disconnect(reason, was_connected)  - reason is a one-line message
+    on_message(topic, payload, qos, retain)
+"""
+
+import errno
+import socket
+
+from spotfi_agent import mqttcodec
+from spotfi_agent.log import get_logger
+
+log = get_logger(__name__)
+
+try:
+    import ssl
+    _SSL_WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+except (ImportError, AttributeError):
+    ssl = None
+    _SSL_WANT = ()
+
+_WOULD_BLOCK = (errno.EAGAIN, getattr(errno, "EWOULDBLOCK", errno.EAGAIN), errno.EINPROGRESS)
+
+# States of one connection attempt, in the order they are passed through.
+CLOSED = "closed"
+CONNECTING = "connecting"
+HANDSHAKING = "handshaking"
+AWAITING_CONNACK = "awaiting-connack"
+CONNECTED = "connected"
+
+MAX_INCOMING_PACKET = 2 * 1024 * 1024
+MAX_QUEUED_QOS1 = 200
+READ_SIZE = 65536
+
+
+class MqttError(Exception):
+    """Raised when the client is used in a way its state does not allow."""
+
+
+class MqttClient:
+    """One MQTT 3.1.1 connection at a time, re-connectable with connect()."""
+
+    def __init__(self, loop, client_id, keepalive=60, username=None, password=None, will=None,
+                 connect_timeout=10.0):
+        self.loop = loop
+        self.client_id = client_id
+        self.keepalive = keepalive
+        self.username = username
+        self.password = password
+        self.will = will
+        self.connect_timeout = connect_timeout
+
+        self.on_connect = None
+        self.on_disconnect = None
+        self.on_message = None
+
+        self.state = CLOSED
+        self.peer = None
+        self._sock = None
+        self._fd = None
+        self._in = bytearray()
+        self._out = bytearray()
+        self._writer_registered = False
+        self._timer = None
+        self._last_sent = 0.0
+        self._last_received = 0.0
+        self._ping_sent_at = None
+        self._next_packet_id = 0
+
+        # QoS 1 messages sent and not acknowledged, by packet id, in send order,
+        # then those published while no connection was up.
+        self._inflight = {}
+        self._inflight_order = []
+        self._queued = []
+        self._subscriptions = {}
+        self._closing = False
+
+    @property
+    def connected(self):
+        return self.state == CONNECTED
+
+    @property
+    def outgoing_bytes(self):
+        """Bytes accepted by publish() and not yet written to the socket."""
+        return len(self._out)
+
+    @property
+    def unacknowledged(self):
+        return len(self._inflight) + len(self._queued)
+
+    def connect(self, host, port, ssl_context=None, server_hostname=None):
+        """Start connecting; the result arrives through on_connect or on_disconnect."""
+        if self.state != CLOSED:
+            raise MqttError("connect() while %s to %s" % (self.state, self.peer))
+        self.peer = "%s:%d" % (host, port)
+        self._closing = False
+        self._in = bytearray()
+        self._out = bytearray()
+        try:
+            address = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
+            sock = socket.socket(address[0], socket.SOCK_STREAM)
+        except OSError as error:
+            self.loop.call_soon(self._report_failure, "cannot resolve %s: %s" % (host, error))
+            return
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass
+        self._sock = sock
+        self._fd = sock.fileno()
+        self.state = CONNECTING
+        self._ssl_context = ssl_context
+        self._server_hostname = server_hostname or host
+        self._deadline_timer = self.loop.call_later(self.connect_timeout, self._connect_timed_out)
+        try:
+            sock.connect(address[-1])
+        except OSError as error:
+            if getattr(error, "errno", None) not in _WOULD_BLOCK:
+                self._fail("connection to %s failed: %s" % (self.peer, _describe(error)))
+                return
+        self.loop.add_writer(self._fd, self._on_connect_writable)
+        self._writer_registered = True
+
+    def _on_connect_writable(self):
+        self.loop.remove_writer(self._fd)
+        self._writer_registered = False
+        code = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self._fail("connection to %s failed: %s" % (self.peer, _strerror(code)))
+            return
+        if self._ssl_context is None:
+            self._start_mqtt()
+            return
+        self.state = HANDSHAKING
+        try:
+            self._sock = self._ssl_context.wrap_socket(
+                self._sock, server_hostname=self._server_hostname,
+                do_handshake_on_connect=False)
+        except (OSError, ValueError) as error:
+            self._fail("TLS set-up for %s failed: %s" % (self.peer, error))
+            return
+        self._continue_handshake()
+
+    def _continue_handshake(self):
+        try:
+            self._sock.do_handshake()
+        except _SSL_WANT as error:
+            wants_write = isinstance(error, ssl.SSLWantWriteError)
+            self.loop.remove_reader(self._fd)
+            self.loop.remove_writer(self._fd)
+            if wants_write:
+                self.loop.add_writer(self._fd, self._continue_handshake)
+            else:
+                self.loop.add_reader(self._fd, self._continue_handshake)
+            return
+        except (OSError, ValueError) as error:
+            self._fail("TLS handshake with %s failed: %s" % (self.peer, error))
+            return
+        self.loop.remove_reader(self._fd)
+        self.loop.remove_writer(self._fd)
+        self._start_mqtt()
+
+    def _start_mqtt(self):
+        self.state = AWAITING_CONNACK
+        self.loop.add_reader(self._fd, self._on_readable)
+        will = None
+        if self.will is not None:
+            topic, payload, qos, retain = self.will
+            will = (topic, _to_bytes(payload), qos, retain)
+        self._send(mqttcodec.encode_connect(self.client_id, self.keepalive, self.username,
+                                            self.password, will))
+
+    def _connect_timed_out(self):
+        if self.state in (CONNECTING, HANDSHAKING, AWAITING_CONNACK):
+            self._fail("no CONNACK from %s within %.0f s" % (self.peer, self.connect_timeout))
+
+    def publish(self, topic, payload, qos=0, retain=False):
+        """Send a message; return False when a QoS 0 message was dropped.
+
+        QoS 1 messages published while no connection is up are queued (up to
+        MAX_QUEUED_QOS1, oldest dropped first) and sent after the next CONNACK.
+        """
+        payload = _to_bytes(payload)
+        if qos == 0:
+            if self.state != CONNECTED:
+                return False
+            self._send(mqttcodec.encode_publish(topic, payload, 0, retain))
+            return True
+        if self.state != CONNECTED:
+            self._queue(topic, payload, retain)
+            return True
+        self._send_qos1(topic, payload, retain, False)
+        return True
+
+    def _queue(self, topic, payload, retain):
+        self._queued.append((topic, payload, retain))
+        if len(self._queued) > MAX_QUEUED_QOS1:
+            dropped = self._queued.pop(0)
+            log.warning("dropped a queued QoS 1 message to %s: %d messages wait for a connection",
+                        dropped[0], MAX_QUEUED_QOS1)
+
+    def _send_qos1(self, topic, payload, retain, dup):
+        packet_id = self._new_packet_id()
+        self._inflight[packet_id] = (topic, payload, retain)
+        self._inflight_order.append(packet_id)
+        self._send(mqttcodec.encode_publish(topic, payload, 1, retain, packet_id, dup))
+
+    def subscribe(self, topics):
+        """Subscribe to (filter, qos) pairs now and again after every reconnect."""
+        for topic, qos in topics:
+            self._subscriptions[topic] = qos
+        if self.state == CONNECTED:
+            self._send(mqttcodec.encode_subscribe(self._new_packet_id(), topics))
+
+    def disconnect(self):
+        """Send DISCONNECT after what is queued for the socket, then close.
+
+        The broker then discards the Last Will. on_disconnect is called once
+        the socket is closed.
+        """
+        if self.state != CONNECTED:
+            self._fail("disconnected by the agent", clean=True)
+            return
+        self._closing = True
+        self._send(mqttcodec.DISCONNECT_PACKET)
+
+    def abort(self, reason):
+        """Close the socket at once without DISCONNECT, so the broker sends the Last Will."""
+        if self.state != CLOSED:
+            self._fail(reason)
+
+    def _new_packet_id(self):
+        while True:
+            self._next_packet_id = self._next_packet_id % 65535 + 1
+            if self._next_packet_id not in self._inflight:
+                return self._next_packet_id
+
+    def _send(self, data):
+        self._out += data
+        self._flush()
+
+    def _flush(self):
+        while self._out and self._sock is not None:
+            try:
+                sent = self._sock.send(self._out)
+            except _SSL_WANT:
+                sent = 0
+            except OSError as error:
+                if getattr(error, "errno", None) in _WOULD_BLOCK:
+                    sent = 0
+                else:
+                    self._fail("write to %s failed: %s" % (self.peer, _describe(error)))
+                    return
+            if not sent:
+                if not self._writer_registered:
+                    self.loop.add_writer(self._fd, self._flush)
+                    self._writer_registered = True
+                return
+            del self._out[:sent]
+            self._last_sent = self.loop.time()
+        if self._writer_registered and self._sock is not None:
+            self.loop.remove_writer(self._fd)
+            self._writer_registered = False
+        if self._closing and not self._out:
+            self._fail("disconnected by the agent", clean=True)
+
+    def _on_readable(self):
+        while self._sock is not None:
+            try:
+                data = self._sock.recv(READ_SIZE)
+            except _SSL_WANT:
+                break
+            except OSError as error:
+                if getattr(error, "errno", None) in _WOULD_BLOCK:
+                    break
+                self._fail("read from %s failed: %s" % (self.peer, _describe(error)))
+                return
+            if not data:
+                self._fail("%s closed the connection" % self.peer)
+                return
+            self._in += data
+            self._last_received = self.loop.time()
+            # TLS may hold decrypted bytes that poll() does not report.
+            pending = getattr(self._sock, "pending", None)
+            if len(data) < READ_SIZE and not (pending and pending()):
+                break
+        self._read_packets()
+
+    def _read_packets(self):
+        while self._sock is not None:
+            try:
+                packet = mqttcodec.split_packet(self._in, MAX_INCOMING_PACKET)
+            except mqttcodec.ProtocolError as error:
+                self._fail("invalid packet from %s: %s" % (self.peer, error))
+                return
+            if packet is None:
+                return
+            packet_type, flags, body, used = packet
+            del self._in[:used]
+            try:
+                self._handle_packet(packet_type, flags, body)
+            except mqttcodec.ProtocolError as error:
+                self._fail("invalid packet from %s: %s" % (self.peer, error))
+                return
+
+    def _handle_packet(self, packet_type, flags, body):
+        if self.state == AWAITING_CONNACK:
+            if packet_type != mqttcodec.CONNACK or len(body) != 2:
+                raise mqttcodec.ProtocolError("expected CONNACK, got packet type %d" % packet_type)
+            self._on_connack(body[0] & 0x01, body[1])
+            return
+        if packet_type == mqttcodec.PUBLISH:
+            topic, payload, qos, retain, packet_id = mqttcodec.decode_publish(flags, body)
+            if qos == 1:
+                self._send(mqttcodec.encode_ack(mqttcodec.PUBACK, packet_id))
+            elif qos == 2:
+                # Subscriptions ask for QoS 1 at most; answer QoS 2 correctly anyway.
+                self._send(mqttcodec.encode_ack(mqttcodec.PUBREC, packet_id))
+            if self.on_message is not None:
+                self.on_message(topic, payload, qos, retain)
+        elif packet_type == mqttcodec.PUBACK:
+            self._acknowledge(mqttcodec.decode_packet_id(body))
+        elif packet_type == mqttcodec.PUBREL:
+            self._send(mqttcodec.encode_ack(mqttcodec.PUBCOMP, mqttcodec.decode_packet_id(body)))
+        elif packet_type == mqttcodec.SUBACK:
+            for code in body[2:]:
+                if code == 0x80:
+                    log.warning("broker %s rejected a subscription (SUBACK 0x80)", self.peer)
+        elif packet_type == mqttcodec.PINGRESP:
+            self._ping_sent_at = None
+        else:
+            raise mqttcodec.ProtocolError("unexpected packet type %d" % packet_type)
+
+    def _on_connack(self, session_present, code):
+        if code:
+            reason = mqttcodec.CONNACK_CODES.get(code, "unknown reason")
+            self._fail("%s refused the connection: %s (CONNACK code %d)" % (self.peer, reason, code))
+            return
+        self.state = CONNECTED
+        self._deadline_timer.cancel()
+        now = self.loop.time()
+        self._last_sent = now
+        self._last_received = now
+        self._ping_sent_at = None
+        self._schedule_keepalive()
+
+        if self._subscriptions:
+            topics = list(self._subscriptions.items())
+            self._send(mqttcodec.encode_subscribe(self._new_packet_id(), topics))
+        resend = [self._inflight[packet_id] for packet_id in self._inflight_order]
+        self._inflight = {}
+        self._inflight_order = []
+        for topic, payload, retain in resend:
+            self._send_qos1(topic, payload, retain, True)
+        queued = self._queued
+        self._queued = []
+        for topic, payload, retain in queued:
+            self._send_qos1(topic, payload, retain, False)
+
+        if self.on_connect is not None:
+            self.on_connect(bool(session_present))
+
+    def _acknowledge(self, packet_id):
+        if self._inflight.pop(packet_id, None) is not None:
+            self._inflight_order.remove(packet_id)
+
+    def _schedule_keepalive(self):
+        interval = max(1.0, self.keepalive / 4.0)
+        self._timer = self.loop.call_later(interval, self._check_keepalive)
+
+    def _check_keepalive(self):
+        if self.state != CONNECTED:
+            return
+        now = self.loop.time()
+        if self._ping_sent_at is not None:
+            if now - self._ping_sent_at > max(5.0, self.keepalive / 2.0):
+                self._fail("no PINGRESP from %s within %.0f s" % (self.peer, now - self._ping_sent_at))
+                return
+        elif now - self._last_sent >= self.keepalive * 0.75 or now - self._last_received >= self.keepalive * 0.75:
+            # A broker that is only sent QoS 0 messages never answers, so a
+            # half-open connection is found only by pinging it.
+            self._ping_sent_at = now
+            self._send(mqttcodec.PINGREQ_PACKET)
+        self._schedule_keepalive()
+
+    def _report_failure(self, reason):
+        if self.on_disconnect is not None:
+            self.on_disconnect(reason, False)
+
+    def _fail(self, reason, clean=False):
+        was_connected = self.state == CONNECTED
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if getattr(self, "_deadline_timer", None) is not None:
+            self._deadline_timer.cancel()
+        if self._fd is not None:
+            self.loop.remove_reader(self._fd)
+            self.loop.remove_writer(self._fd)
+        self._writer_registered = False
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+        self._sock = None
+        self._fd = None
+        self._out = bytearray()
+        self._closing = False
+        if not clean:
+            log.debug("connection to %s ended: %s", self.peer, reason)
+        if self.on_disconnect is not None:
+            self.on_disconnect(reason, was_connected)
+
+
+def _to_bytes(payload):
+    if isinstance(payload, str):
+        return payload.encode("utf-8")
+    return bytes(payload)
+
+
+def _strerror(code):
+    try:
+        import os
+        return "%s (errno %d)" % (os.strerror(code), code)
+    except (ImportError, AttributeError):
+        return "errno %d" % code
+
+
+def _describe(error):
+    code = getattr(error, "errno", None)
+    if code:
+        return _strerror(code)
+    return str(error) or error.__class__.__name__
