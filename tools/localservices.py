@@ -119,8 +119,12 @@ def mosquitto(workdir, port=None, password_file=None, extra_lines=()):
         "log_type information",
         "connection_messages true",
         "max_keepalive 65535",
-        "message_size_limit 0",
     ]
+    if os.geteuid() == 0:
+        # Started as root, mosquitto switches to the `mosquitto` user, which
+        # cannot read files in the caller's private temporary directories.
+        import pwd
+        lines.append("user %s" % pwd.getpwuid(os.geteuid()).pw_name)
     if password_file:
         lines += ["allow_anonymous false", "password_file %s" % password_file]
     else:

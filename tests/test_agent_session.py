@@ -1,0 +1,252 @@
+"""The agent process against a real mosquitto: status, Last Will, metrics, failover, signals.
+
+Each case runs with both transports (the agent's own client and paho-mqtt).
+"""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from harness import HostRouter, MqttObserver, fresh_status, wait_until
+
+TRANSPORTS = ["native", "paho"]
+
+
+@pytest.fixture
+def observer_factory():
+    observers = []
+
+    def create(port, topics):
+        observer = MqttObserver(port, topics)
+        observers.append(observer)
+        return observer
+
+    yield create
+    for observer in observers:
+        observer.close()
+
+
+@pytest.fixture
+def router_factory(tmp_path):
+    routers = []
+
+    def create(router_id, broker_ports, **kwargs):
+        router = HostRouter(tmp_path / router_id, router_id, broker_ports, **kwargs)
+        routers.append(router)
+        return router
+
+    yield create
+    for router in routers:
+        router.stop()
+
+
+def status_topic(router_id):
+    return "spotfi/router/%s/status" % router_id
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_online_retained_after_connect(mosquitto, router_factory, transport):
+    router = router_factory("online-%s" % transport, [mosquitto.port], transport=transport).start()
+
+    wait_until(lambda: "connected to" in router.log_text(), 10, message="agent connected")
+    payload, retain = fresh_status(mosquitto.port, router.router_id)
+
+    assert payload == "ONLINE"
+    assert retain is True
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_metrics_have_go_bridge_keys(mosquitto, router_factory, observer_factory, transport):
+    router_id = "metrics-%s" % transport
+    observer = observer_factory(mosquitto.port, ["spotfi/router/%s/metrics" % router_id])
+    router_factory(router_id, [mosquitto.port], transport=transport).start()
+
+    payload, retain = observer.wait_for("spotfi/router/%s/metrics" % router_id)
+    message = json.loads(payload)
+    metrics = message["metrics"]
+
+    assert retain is False
+    assert message["type"] == "metrics"
+    assert isinstance(metrics["uptime"], str)
+    assert metrics["uptime"].isdigit()
+    assert isinstance(metrics["cpuLoad"], (int, float))
+    assert isinstance(metrics["totalMemory"], int)
+    assert isinstance(metrics["freeMemory"], int)
+    assert isinstance(metrics["activeUsers"], int)
+    assert metrics["totalMemory"] >= metrics["freeMemory"] > 0
+
+
+def test_metrics_from_proc_without_ubus(mosquitto, router_factory, observer_factory):
+    router_id = "metrics-proc"
+    observer = observer_factory(mosquitto.port, ["spotfi/router/%s/metrics" % router_id])
+    router_factory(router_id, [mosquitto.port], with_ubus=False).start()
+
+    payload, _ = observer.wait_for("spotfi/router/%s/metrics" % router_id)
+    metrics = json.loads(payload)["metrics"]
+    with open("/proc/uptime") as handle:
+        uptime = int(float(handle.read().split()[0]))
+    with open("/proc/meminfo") as handle:
+        total = int(handle.readline().split()[1]) * 1024
+
+    assert metrics["source"] == "proc"
+    assert abs(int(metrics["uptime"]) - uptime) <= 5
+    assert metrics["totalMemory"] == total
+    assert metrics["activeUsers"] == 0
+
+
+def test_metrics_from_ubus_test_double(mosquitto, router_factory, observer_factory):
+    router_id = "metrics-ubus"
+    observer = observer_factory(mosquitto.port, ["spotfi/router/%s/metrics" % router_id])
+    router_factory(router_id, [mosquitto.port]).start()
+
+    payload, _ = observer.wait_for("spotfi/router/%s/metrics" % router_id)
+    metrics = json.loads(payload)["metrics"]
+
+    assert metrics["source"] == "ubus"
+    assert metrics["activeUsers"] >= 1
+
+
+def test_metrics_repeat_every_interval(mosquitto, router_factory, observer_factory):
+    router_id = "metrics-interval"
+    topic = "spotfi/router/%s/metrics" % router_id
+    observer = observer_factory(mosquitto.port, [topic])
+    router_factory(router_id, [mosquitto.port], options={"metrics_interval": "5"}).start()
+
+    wait_until(lambda: len(observer.on(topic)) >= 2, 15, message="a second heartbeat")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_kill_gives_retained_offline(mosquitto, router_factory, transport):
+    router = router_factory("killed-%s" % transport, [mosquitto.port], transport=transport).start()
+    wait_until(lambda: fresh_status(mosquitto.port, router.router_id)[0] == "ONLINE", 10,
+               message="ONLINE")
+
+    router.kill()
+
+    wait_until(lambda: fresh_status(mosquitto.port, router.router_id) == ("OFFLINE", True), 5,
+               message="retained OFFLINE after kill -9")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_sigterm_publishes_offline_and_exits(mosquitto, router_factory, observer_factory, transport):
+    router_id = "sigterm-%s" % transport
+    observer = observer_factory(mosquitto.port, [status_topic(router_id)])
+    router = router_factory(router_id, [mosquitto.port], transport=transport).start()
+    observer.wait_for(status_topic(router_id), lambda payload: payload == b"ONLINE")
+
+    started = time.monotonic()
+    router.signal(signal.SIGTERM)
+    status = router.wait(5)
+    elapsed = time.monotonic() - started
+
+    assert status == 0
+    assert elapsed < 2.0
+    assert fresh_status(mosquitto.port, router_id) == ("OFFLINE", True)
+    assert "Will" not in router.log_text()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_failover_to_second_broker(tmp_path, router_factory, transport):
+    import localservices
+    first = localservices.mosquitto(str(tmp_path / "first")).start()
+    second = localservices.mosquitto(str(tmp_path / "second")).start()
+    try:
+        router = router_factory("failover-%s" % transport, [first.port, second.port],
+                                transport=transport).start()
+        wait_until(lambda: fresh_status(first.port, router.router_id)[0] == "ONLINE", 10,
+                   message="ONLINE on the first broker")
+
+        first.stop()
+
+        wait_until(lambda: fresh_status(second.port, router.router_id)[0] == "ONLINE", 30,
+                   message="ONLINE on the second broker")
+        assert "failing over to mqtt://127.0.0.1:%d" % second.port in router.log_text()
+    finally:
+        first.stop()
+        second.stop()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_broker_restart_reconnects_and_serves_rpc(private_mosquitto, router_factory,
+                                                  transport):
+    router_id = "restart-%s" % transport
+    router = router_factory(router_id, [private_mosquitto.port], transport=transport).start()
+    wait_until(lambda: fresh_status(private_mosquitto.port, router_id)[0] == "ONLINE", 10,
+               message="ONLINE")
+
+    private_mosquitto.restart()
+
+    wait_until(lambda: fresh_status(private_mosquitto.port, router_id)[0] == "ONLINE", 40,
+               interval=0.2, message="ONLINE after the broker restart")
+    observer = MqttObserver(private_mosquitto.port, ["spotfi/router/%s/rpc/response" % router_id])
+    try:
+        request = {"type": "rpc", "id": "after-restart", "path": "spotfi.agent", "method": "ping"}
+        observer.publish("spotfi/router/%s/rpc/request" % router_id, json.dumps(request))
+        payload, _ = observer.wait_for("spotfi/router/%s/rpc/response" % router_id)
+    finally:
+        observer.close()
+    result = json.loads(payload)
+
+    assert result["id"] == "after-restart"
+    assert result["status"] == "success"
+    assert result["result"]["pong"] is True
+
+
+def test_missing_token_exits_2_without_connecting(mosquitto, router_factory):
+    router = router_factory("no-token", [mosquitto.port], options={"token": ""})
+    result = subprocess.run(router.interpreter + ["-m", "spotfi_agent", "--root", router.root, "run"],
+                            env=router.environment(), capture_output=True, text=True, timeout=20)
+
+    assert result.returncode == 2
+    assert "token" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "no-token" not in mosquitto.log_tail()
+
+
+def test_info_masks_token(mosquitto, router_factory):
+    router = router_factory("info-router", [mosquitto.port], token="very-secret-token-123")
+    result = subprocess.run([sys.executable, "-m", "spotfi_agent", "--root", router.root, "info"],
+                            env=router.environment(), capture_output=True, text=True, timeout=20)
+
+    assert result.returncode == 0
+    assert "very-secret-token-123" not in result.stdout
+    assert "info-router" in result.stdout
+    assert "127.0.0.1:%d" % mosquitto.port in result.stdout
+
+
+def test_check_reports_success(mosquitto, router_factory):
+    router = router_factory("check-router", [mosquitto.port])
+    result = subprocess.run([sys.executable, "-m", "spotfi_agent", "--root", router.root, "check"],
+                            env=router.environment(), capture_output=True, text=True, timeout=30)
+
+    assert result.returncode == 0
+    assert result.stdout.startswith("OK: connected to mqtt://127.0.0.1:%d" % mosquitto.port)
+
+
+def test_check_reports_bad_token(tmp_path, router_factory):
+    import localservices
+    passwords = localservices.write_password_file(str(tmp_path / "passwd"),
+                                                  {"check-auth": "right-token"})
+    broker = localservices.mosquitto(str(tmp_path / "auth"), password_file=passwords).start()
+    try:
+        router = router_factory("check-auth", [broker.port], token="wrong-token")
+        result = subprocess.run([sys.executable, "-m", "spotfi_agent", "--root", router.root,
+                                 "check"], env=router.environment(), capture_output=True,
+                                text=True, timeout=30)
+        router.options["token"] = "right-token"
+        router.write_config()
+        accepted = subprocess.run([sys.executable, "-m", "spotfi_agent", "--root", router.root,
+                                   "check"], env=router.environment(), capture_output=True,
+                                  text=True, timeout=30)
+    finally:
+        broker.stop()
+
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "not authorized" in result.stderr or "bad username or password" in result.stderr
+    assert "wrong-token" not in result.stderr
+    assert accepted.returncode == 0
