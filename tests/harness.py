@@ -261,7 +261,7 @@ class RefApi:
             status, body = self.request("GET", "/health")
         except OSError:
             return False
-        return status == 200 and body.get("mqtt") in (True, "connected", "ok")
+        return status == 200 and body.get("status") == "ok"
 
     def request(self, method, path, body=None, timeout=60):
         data = json.dumps(body).encode() if body is not None else None
