@@ -14,7 +14,7 @@ SYSTEM_COMMANDS := mosquitto mosquitto_passwd redis-server
 
 export PYTHONPATH := $(CURDIR)/agent:$(CURDIR)/refapi:$(CURDIR)/tools
 
-.PHONY: all test demo bench system-deps venv clean
+.PHONY: all test demo bench system-deps venv clean ipk
 
 all: test
 
@@ -45,6 +45,10 @@ demo: system-deps venv
 
 bench: system-deps venv
 	$(VENV_PY) tools/bench.py --output docs/benchmarks.md
+
+# The opkg package in dist/, built with the Python standard library only.
+ipk:
+	$(PYTHON) tools/build_ipk.py
 
 clean:
 	rm -rf $(VENV) dist build .pytest_cache

@@ -1,0 +1,777 @@
+"""The .ipk that tools/build_ipk.py (`make ipk`) builds, read the way opkg reads it.
+
+Also checks that the package agrees with the feed Makefile that the OpenWrt
+SDK builds. The SDK is not on this machine, so the feed Makefile runs under
+GNU make with openwrt_buildsystem_test_double: stand-ins for rules.mk,
+package.mk and python3-package.mk that define the variables the Makefile
+uses and run its install recipe into a directory.
+"""
+
+import ast
+import configparser
+import gzip
+import hashlib
+import io
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+
+import build_ipk
+import localservices
+from test_ucidefaults import install_test_doubles, read_calls
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FEED_PACKAGE_DIR = os.path.join(ROOT, "openwrt-feed", "net", "spotfi-agent")
+SITE_PACKAGES = "usr/lib/python%s/site-packages" % build_ipk.DEFAULT_PYTHON_VERSION
+SHELL_SCRIPTS = {
+    "init": "./etc/init.d/spotfi-agent",
+    "uci-defaults": "./etc/uci-defaults/90-spotfi-agent-migrate",
+}
+MAINTAINER_SCRIPTS = ("postinst", "prerm")
+
+
+class Ipk:
+    """An .ipk unpacked in memory: outer member names, control files, data members."""
+
+    def __init__(self, path, package):
+        self.path = path
+        self.package = package
+        with tarfile.open(fileobj=io.BytesIO(package), mode="r:gz") as outer:
+            self.outer_members = outer.getmembers()
+            self.outer = {member.name: outer.extractfile(member).read()
+                          for member in self.outer_members}
+        self.control_members = self._members("./control.tar.gz")
+        self.data_members = self._members("./data.tar.gz")
+        self.fields = parse_control(self.control_file("control").decode("utf-8"))
+
+    def _members(self, name):
+        members = {}
+        with tarfile.open(fileobj=io.BytesIO(self.outer[name]), mode="r:gz") as archive:
+            for member in archive.getmembers():
+                data = archive.extractfile(member).read() if member.isfile() else None
+                members[member.name.rstrip("/") or "."] = (member, data)
+        return members
+
+    def control_file(self, name):
+        return self.control_members["./" + name][1]
+
+    def data_file(self, name):
+        return self.data_members[name][1]
+
+    def extract_data(self, root):
+        with tarfile.open(fileobj=io.BytesIO(self.outer["./data.tar.gz"]), mode="r:gz") as archive:
+            if hasattr(tarfile, "data_filter"):
+                archive.extractall(root, filter="tar")
+            else:
+                archive.extractall(root)
+
+    def extract_control(self, directory):
+        with tarfile.open(fileobj=io.BytesIO(self.outer["./control.tar.gz"]),
+                          mode="r:gz") as archive:
+            if hasattr(tarfile, "data_filter"):
+                archive.extractall(directory, filter="tar")
+            else:
+                archive.extractall(directory)
+
+
+def parse_control(text):
+    fields = {}
+    key = None
+    for line in text.splitlines():
+        if line.startswith(" ") and key:
+            fields[key] += "\n" + line
+            continue
+        key, _, value = line.partition(": ")
+        fields[key] = value
+    return fields
+
+
+@pytest.fixture(scope="module")
+def ipk(tmp_path_factory):
+    output_dir = str(tmp_path_factory.mktemp("dist"))
+    path, package = build_ipk.build_ipk(ROOT, output_dir)
+    return Ipk(path, package)
+
+
+@pytest.fixture(scope="module")
+def feed_meta():
+    return build_ipk.read_feed_makefile(os.path.join(FEED_PACKAGE_DIR, "Makefile"))
+
+
+def agent_version():
+    return build_ipk.read_version(ROOT)
+
+
+# openwrt_buildsystem_test_double
+
+RULES_MK = """\
+# openwrt_buildsystem_test_double: what the feed Makefile takes from OpenWrt's rules.mk.
+INCLUDE_DIR:=$(TOPDIR)/include
+BUILD_DIR:=$(TOPDIR)/build_dir
+INSTALL_DIR:=install -d -m0755
+INSTALL_BIN:=install -m0755
+INSTALL_DATA:=install -m0644
+INSTALL_CONF:=install -m0600
+CP:=cp -fpR
+"""
+
+PACKAGE_MK = """\
+# openwrt_buildsystem_test_double: BuildPackage prints the metadata, or runs
+# Build/Prepare, Build/Compile and the install recipe into $(DESTDIR) and
+# writes postinst and prerm into $(SCRIPTS_DIR).
+PKG_BUILD_DIR?=$(BUILD_DIR)/$(PKG_NAME)-$(PKG_VERSION)
+
+define BuildPackage
+$(eval $(Package/$(1)))
+.PHONY: metadata install
+metadata:
+\t@printf '%s\\n' 'PKG_VERSION=$(PKG_VERSION)' 'PKG_RELEASE=$(PKG_RELEASE)' \\
+\t\t'PKG_LICENSE=$(PKG_LICENSE)' 'PKG_LICENSE_FILES=$(PKG_LICENSE_FILES)' \\
+\t\t'PKG_MAINTAINER=$(PKG_MAINTAINER)' 'SECTION=$(SECTION)' 'PKGARCH=$(PKGARCH)' \\
+\t\t'DEPENDS=$(strip $(DEPENDS))' 'CONFFILES=$(strip $(Package/$(1)/conffiles))'
+install:
+\trm -rf $(PKG_BUILD_DIR)
+\t$(Build/Prepare)
+\t$(Build/Compile)
+\t$(call Package/$(1)/install,$(DESTDIR))
+\t$$(file >$(SCRIPTS_DIR)/postinst,$$(Package/$(1)/postinst))
+\t$$(file >$(SCRIPTS_DIR)/prerm,$$(Package/$(1)/prerm))
+endef
+"""
+
+PYTHON3_PACKAGE_MK = """\
+# openwrt_buildsystem_test_double: the variables of lang/python/python3-package.mk used.
+PYTHON3_VERSION:=%s
+PYTHON3_PKG_DIR:=/usr/lib/python$(PYTHON3_VERSION)/site-packages
+""" % build_ipk.DEFAULT_PYTHON_VERSION
+
+
+def require_tool(name):
+    """Skip the test when `name` is missing, except under CI=true, where that is a failure."""
+    if shutil.which(name):
+        return
+    message = "%s is not installed; install it with `apt-get install %s`" % (name, name)
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def feed_build(tmp_path_factory):
+    """Run the feed Makefile under openwrt_buildsystem_test_double; return its outputs."""
+    require_tool("make")
+    base = tmp_path_factory.mktemp("openwrt")
+    topdir = base / "topdir"
+    (topdir / "include").mkdir(parents=True)
+    (topdir / "feeds" / "packages" / "lang" / "python").mkdir(parents=True)
+    (topdir / "rules.mk").write_text(RULES_MK)
+    (topdir / "include" / "package.mk").write_text(PACKAGE_MK)
+    (topdir / "feeds" / "packages" / "lang" / "python" / "python3-package.mk").write_text(
+        PYTHON3_PACKAGE_MK)
+    destdir = base / "ipkg"
+    destdir.mkdir()
+    os.chmod(str(destdir), 0o755)
+    scripts_dir = base / "scripts"
+    scripts_dir.mkdir()
+
+    def make(target):
+        command = "umask 022 && exec make -s -C \"$0\" TOPDIR=\"$1\" DESTDIR=\"$2\" " \
+                  "SCRIPTS_DIR=\"$3\" %s" % target
+        return subprocess.run(["sh", "-c", command, FEED_PACKAGE_DIR, str(topdir), str(destdir),
+                               str(scripts_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=120)
+
+    metadata = make("metadata")
+    assert metadata.returncode == 0, metadata.stderr
+    install = make("install")
+    assert install.returncode == 0, install.stderr
+    values = dict(line.split("=", 1) for line in metadata.stdout.splitlines())
+    return {"metadata": values, "destdir": str(destdir), "scripts_dir": str(scripts_dir)}
+
+
+def tree(directory):
+    """Return {"./path": (kind, mode, content)} for a directory, "." for itself."""
+    entries = {}
+    for current, directories, files in os.walk(directory):
+        relative = os.path.relpath(current, directory)
+        name = "." if relative == "." else "./" + relative
+        entries[name] = ("dir", stat.S_IMODE(os.stat(current).st_mode), None)
+        for file_name in files:
+            path = os.path.join(current, file_name)
+            with open(path, "rb") as handle:
+                content = handle.read()
+            key = "./" + os.path.relpath(path, directory)
+            entries[key] = ("file", stat.S_IMODE(os.stat(path).st_mode), content)
+    return entries
+
+
+def ipk_tree(ipk):
+    entries = {}
+    for name, (member, data) in ipk.data_members.items():
+        kind = "dir" if member.isdir() else "file"
+        entries[name] = (kind, member.mode, data)
+    return entries
+
+
+# Package layout, control file and reproducibility
+
+
+def test_ipk_outer_members_in_order(ipk):
+    assert [member.name for member in ipk.outer_members] == [
+        "./debian-binary", "./control.tar.gz", "./data.tar.gz"]
+    assert ipk.outer["./debian-binary"] == b"2.0\n"
+
+
+def test_ipk_file_name(ipk, feed_meta):
+    expected = "spotfi-agent_%s-%s_all.ipk" % (agent_version(), feed_meta["PKG_RELEASE"])
+    assert os.path.basename(ipk.path) == expected
+
+
+def test_ipk_control_fields(ipk, feed_meta):
+    fields = ipk.fields
+
+    assert fields["Package"] == "spotfi-agent"
+    assert fields["Version"] == "%s-%s" % (agent_version(), feed_meta["PKG_RELEASE"])
+    assert fields["Depends"] == ", ".join(["libc"] + feed_meta["depends"])
+    assert fields["Source"] == "feeds/spotfi/net/spotfi-agent"
+    assert fields["License"] == "Apache-2.0"
+    assert fields["LicenseFiles"] == "LICENSE"
+    assert fields["Section"] == "net"
+    assert fields["Architecture"] == "all"
+    assert fields["Maintainer"] == feed_meta["PKG_MAINTAINER"]
+    assert fields["Description"].strip().startswith("spotfi-agent connects")
+
+
+def test_ipk_installed_size_is_data_tar_size(ipk):
+    size = len(gzip.decompress(ipk.outer["./data.tar.gz"]))
+
+    assert int(ipk.fields["Installed-Size"]) == size
+
+
+def test_ipk_control_scripts_and_modes(ipk):
+    names = sorted(ipk.control_members)
+    assert names == [".", "./conffiles", "./control", "./postinst", "./prerm"]
+    for script in MAINTAINER_SCRIPTS:
+        member, data = ipk.control_members["./" + script]
+        assert member.mode == 0o755
+        with open(os.path.join(FEED_PACKAGE_DIR, "files", "spotfi-agent." + script), "rb") as handle:
+            assert data == handle.read()
+    assert ipk.control_members["./control"][0].mode == 0o644
+
+
+def test_ipk_conffiles(ipk):
+    assert ipk.control_file("conffiles") == b"/etc/config/spotfi\n"
+    # /etc/spotfi/ is a directory, so the SDK lists it for sysupgrade instead.
+    assert ipk.data_file("./lib/upgrade/keep.d/spotfi-agent") == b"/etc/spotfi/\n"
+
+
+def test_ipk_file_modes(ipk):
+    expected = {
+        "./usr/bin/spotfi-agent": 0o755,
+        "./etc/init.d/spotfi-agent": 0o755,
+        "./etc/uci-defaults/90-spotfi-agent-migrate": 0o755,
+        # The file holds the token (the MQTT password).
+        "./etc/config/spotfi": 0o600,
+        "./" + SITE_PACKAGES + "/spotfi_agent/cli.py": 0o644,
+    }
+    for name, mode in expected.items():
+        assert ipk.data_members[name][0].mode == mode, name
+    for name, (member, data) in ipk.data_members.items():
+        if member.isdir():
+            assert member.mode == 0o755, name
+
+
+def test_ipk_members_owned_by_root_at_one_time(ipk):
+    members = [member for member, _ in ipk.data_members.values()]
+    members += [member for member, _ in ipk.control_members.values()]
+    members += ipk.outer_members
+    times = {member.mtime for member in members}
+
+    assert len(times) == 1
+    for member in members:
+        assert (member.uid, member.gid, member.uname, member.gname) == (0, 0, "root", "root")
+
+
+def test_ipk_members_sorted(ipk):
+    for members in (ipk.data_members, ipk.control_members):
+        names = [name.split("/") for name in members if name != "."]
+        assert names == sorted(names)
+
+
+def test_ipk_gzip_headers_fixed(ipk):
+    for blob in (ipk.package, ipk.outer["./control.tar.gz"], ipk.outer["./data.tar.gz"]):
+        assert blob[:2] == b"\x1f\x8b"
+        flags = blob[3]
+        assert flags & 0x08 == 0, "gzip header names a file"
+        assert blob[4:8] == b"\0\0\0\0", "gzip header has an mtime"
+
+
+def test_ipk_holds_every_agent_module(ipk):
+    modules = build_ipk.module_paths(ROOT)
+    assert "spotfi_agent/__init__.py" in modules
+    for module in modules:
+        name = "./%s/%s" % (SITE_PACKAGES, module)
+        with open(os.path.join(ROOT, "agent", module), "rb") as handle:
+            assert ipk.data_file(name) == handle.read(), name
+    packaged = [name for name in ipk.data_members if name.endswith(".py")]
+    assert len(packaged) == len(modules)
+
+
+def test_entry_point_runs_cli_with_python3(ipk):
+    source = ipk.data_file("./usr/bin/spotfi-agent").decode("utf-8")
+
+    assert source.startswith("#!/usr/bin/python3\n")
+    compile(source, "spotfi-agent", "exec")
+    assert "from spotfi_agent.cli import main" in source
+
+
+def copy_sources(destination, mtime, file_mode):
+    """Copy what build_ipk.py reads into `destination`, with one mtime and mode everywhere."""
+    for part in ("agent", "openwrt-feed"):
+        shutil.copytree(os.path.join(ROOT, part), os.path.join(destination, part),
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for current, _, files in os.walk(destination):
+        for name in files:
+            path = os.path.join(current, name)
+            os.chmod(path, file_mode)
+            os.utime(path, (mtime, mtime))
+        os.utime(current, (mtime, mtime))
+
+
+def test_ipk_reproducible_across_checkouts(tmp_path):
+    first = tmp_path / "first"
+    second = tmp_path / "second"
+    copy_sources(str(first), 1000000000, 0o644)
+    copy_sources(str(second), time.time() + 3600, 0o600)
+    environ = {"SOURCE_DATE_EPOCH": "1700000000"}
+
+    _, package_one = build_ipk.build_ipk(str(first), str(tmp_path / "out1"),
+                                         epoch=build_ipk.source_date_epoch(str(first), environ))
+    _, package_two = build_ipk.build_ipk(str(second), str(tmp_path / "out2"),
+                                         epoch=build_ipk.source_date_epoch(str(second), environ))
+
+    assert hashlib.sha256(package_one).hexdigest() == hashlib.sha256(package_two).hexdigest()
+
+
+def test_ipk_rebuild_is_identical(tmp_path):
+    _, first = build_ipk.build_ipk(ROOT, str(tmp_path / "one"))
+    _, second = build_ipk.build_ipk(ROOT, str(tmp_path / "two"))
+
+    assert first == second
+
+
+def test_source_date_epoch_sources(tmp_path):
+    assert build_ipk.source_date_epoch(ROOT, {"SOURCE_DATE_EPOCH": "1234"}) == 1234
+    with pytest.raises(build_ipk.BuildError):
+        build_ipk.source_date_epoch(ROOT, {"SOURCE_DATE_EPOCH": "yesterday"})
+    # Outside a git checkout there is no commit time.
+    assert build_ipk.source_date_epoch(str(tmp_path), {}) == 0
+    if shutil.which("git"):
+        commit_time = subprocess.run(["git", "log", "-1", "--format=%ct"], cwd=ROOT,
+                                     stdout=subprocess.PIPE, universal_newlines=True,
+                                     timeout=30).stdout.strip()
+        assert build_ipk.source_date_epoch(ROOT, {}) == int(commit_time)
+
+
+def test_build_ipk_prints_size(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "build_ipk.py"),
+                             "--output-dir", str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    match = re.search(r"(spotfi-agent_\S+_all\.ipk): (\d+) bytes .* sha256 ([0-9a-f]{64})",
+                      result.stdout)
+    assert match, result.stdout
+    with open(str(tmp_path / match.group(1)), "rb") as handle:
+        package = handle.read()
+    assert int(match.group(2)) == len(package)
+    assert match.group(3) == hashlib.sha256(package).hexdigest()
+
+
+def test_build_ipk_python_version_option(tmp_path):
+    _, package = build_ipk.build_ipk(ROOT, str(tmp_path), python_version="3.12")
+    names = Ipk("", package).data_members
+
+    assert "./usr/lib/python3.12/site-packages/spotfi_agent/cli.py" in names
+    with pytest.raises(build_ipk.BuildError):
+        build_ipk.build_ipk(ROOT, str(tmp_path), python_version="3")
+
+
+def test_make_ipk_target_runs_build_ipk():
+    require_tool("make")
+    result = subprocess.run(["make", "-n", "-C", ROOT, "ipk"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    assert "tools/build_ipk.py" in result.stdout
+
+
+# Agreement with the feed Makefile, setup.cfg and the agent's imports
+
+
+def test_feed_install_matches_ipk(ipk, feed_build, feed_meta):
+    expected = tree(feed_build["destdir"])
+    # package-ipkg.mk lists conffiles that are not files of the package in keep.d.
+    keep = [path for path in feed_meta["conffiles"]
+            if ("." + path.rstrip("/")) not in expected or expected["." + path.rstrip("/")][0] != "file"]
+    if keep:
+        expected["./lib"] = ("dir", 0o755, None)
+        expected["./lib/upgrade"] = ("dir", 0o755, None)
+        expected["./lib/upgrade/keep.d"] = ("dir", 0o755, None)
+        expected["./lib/upgrade/keep.d/spotfi-agent"] = (
+            "file", 0o644, "".join(path + "\n" for path in keep).encode())
+    actual = ipk_tree(ipk)
+
+    assert sorted(actual) == sorted(expected)
+    for name in expected:
+        assert actual[name] == expected[name], name
+
+
+def test_feed_maintainer_scripts_match_ipk(ipk, feed_build):
+    for script in MAINTAINER_SCRIPTS:
+        with open(os.path.join(feed_build["scripts_dir"], script), "rb") as handle:
+            assert handle.read() == ipk.control_file(script), script
+
+
+def test_feed_metadata_matches_build_ipk(feed_build, feed_meta, ipk):
+    values = feed_build["metadata"]
+
+    assert values["PKG_VERSION"] == agent_version()
+    assert values["PKG_RELEASE"] == feed_meta["PKG_RELEASE"]
+    assert values["PKG_LICENSE"] == feed_meta["PKG_LICENSE"] == "Apache-2.0"
+    assert values["PKG_LICENSE_FILES"] == feed_meta["PKG_LICENSE_FILES"] == "LICENSE"
+    assert values["PKG_MAINTAINER"] == feed_meta["PKG_MAINTAINER"]
+    assert values["SECTION"] == feed_meta["SECTION"]
+    assert values["PKGARCH"] == feed_meta["PKGARCH"] == "all"
+    assert values["DEPENDS"].split() == ["+" + name for name in feed_meta["depends"]]
+    assert values["CONFFILES"].split() == feed_meta["conffiles"]
+
+
+def test_feed_depends_one_per_line():
+    with open(os.path.join(FEED_PACKAGE_DIR, "Makefile")) as handle:
+        text = handle.read()
+    block = re.search(r"DEPENDS:= \\\n((?:\t\+\S+(?: \\)?\n)+)", text)
+
+    assert block, "DEPENDS must list one +package per line"
+    assert block.group(1).count("+") == len(build_ipk.read_feed_makefile(
+        os.path.join(FEED_PACKAGE_DIR, "Makefile"))["depends"])
+
+
+def requirement_names(lines):
+    names = []
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith("-"):
+            names.append(re.split(r"[<>=!~;\[ ]", line, 1)[0])
+    return names
+
+
+def read_requirements():
+    with open(os.path.join(ROOT, "requirements", "agent.txt")) as handle:
+        return [line.strip() for line in handle
+                if line.strip() and not line.strip().startswith("#")]
+
+
+def read_setup_cfg():
+    parser = configparser.ConfigParser()
+    parser.read(os.path.join(ROOT, "setup.cfg"))
+    return parser
+
+
+def test_setup_cfg_version_and_requirements_agree():
+    setup = read_setup_cfg()
+
+    assert setup["metadata"]["version"].strip() == "attr: spotfi_agent.__version__"
+    install_requires = [line.strip() for line in setup["options"]["install_requires"].splitlines()
+                        if line.strip()]
+    assert install_requires == read_requirements()
+
+
+def test_feed_third_party_depends_match_requirements(feed_meta):
+    expected = {"python3-" + name.lower() for name in requirement_names(read_requirements())}
+    third_party = {name for name in feed_meta["depends"] if name in expected}
+
+    assert third_party == expected
+
+
+# The python3 standard library modules that OpenWrt ships outside
+# python3-light, and their packages (lang/python/python3/files/
+# python3-package-*.mk in openwrt/packages).
+SEPARATE_STDLIB_PACKAGES = {
+    "asyncio": "python3-asyncio",
+    "cgi": "python3-cgi",
+    "cgitb": "python3-cgitb",
+    "ctypes": "python3-ctypes",
+    "curses": "python3-ncurses",
+    "dbm": "python3-dbm",
+    "decimal": "python3-decimal",
+    "distutils": "python3-distutils",
+    "doctest": "python3-pydoc",
+    "email": "python3-email",
+    # http.client imports email.
+    "http": "python3-email",
+    "lib2to3": "python3-lib2to3",
+    "logging": "python3-logging",
+    "lzma": "python3-lzma",
+    "multiprocessing": "python3-multiprocessing",
+    "pydoc": "python3-pydoc",
+    "readline": "python3-readline",
+    "sqlite3": "python3-sqlite3",
+    "ssl": "python3-openssl",
+    "unicodedata": "python3-codecs",
+    "unittest": "python3-unittest",
+    "urllib": "python3-urllib",
+    "uuid": "python3-uuid",
+    "venv": "python3-venv",
+    "webbrowser": "python3-webbrowser",
+    "xml": "python3-xml",
+    "xmlrpc": "python3-xml",
+}
+MICROPYTHON_ONLY_MODULES = {"micropython", "machine", "network", "uctypes", "utls", "esp", "pyb"}
+# Import names of the distributions in setup.cfg's extras_require.
+EXTRA_IMPORT_NAMES = {"paho-mqtt": "paho", "pyyaml": "yaml"}
+
+
+def agent_imports():
+    """Return the top-level module names imported anywhere in agent/spotfi_agent."""
+    names = set()
+    for module in build_ipk.module_paths(ROOT):
+        with open(os.path.join(ROOT, "agent", module)) as handle:
+            tree_ = ast.parse(handle.read(), module)
+        for node in ast.walk(tree_):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    names.discard("spotfi_agent")
+    return names
+
+
+def test_feed_depends_cover_agent_imports(feed_meta):
+    requirements = {name.lower().replace("-", "_"): "python3-" + name.lower()
+                    for name in requirement_names(read_requirements())}
+    setup = read_setup_cfg()
+    extras = set()
+    for block in setup["options.extras_require"].values():
+        for name in requirement_names(block.splitlines()):
+            extras.add(EXTRA_IMPORT_NAMES.get(name.lower(), name.lower().replace("-", "_")))
+
+    expected = {"python3-light"}
+    unknown = []
+    for name in sorted(agent_imports()):
+        if name in SEPARATE_STDLIB_PACKAGES:
+            expected.add(SEPARATE_STDLIB_PACKAGES[name])
+        elif name in requirements:
+            expected.add(requirements[name])
+        elif name in sys.stdlib_module_names or name in extras:
+            continue
+        elif name in MICROPYTHON_ONLY_MODULES or (
+                name.startswith("u") and name[1:] in sys.stdlib_module_names):
+            continue
+        else:
+            unknown.append(name)
+
+    assert unknown == [], ("imports that are neither standard library nor in "
+                           "requirements/agent.txt or setup.cfg extras: %s" % unknown)
+    assert sorted(feed_meta["depends"]) == sorted(expected)
+
+
+# Maintainer scripts
+
+
+def shells():
+    found = [["sh"]]
+    if shutil.which("busybox"):
+        found.append(["busybox", "sh"])
+    return found
+
+
+def scripts_of(ipk, directory):
+    """Write the package's shell scripts into `directory`; return {label: path}."""
+    paths = {}
+    for label, member in SHELL_SCRIPTS.items():
+        paths[label] = os.path.join(directory, label)
+        with open(paths[label], "wb") as handle:
+            handle.write(ipk.data_file(member))
+    for script in MAINTAINER_SCRIPTS:
+        paths[script] = os.path.join(directory, script)
+        with open(paths[script], "wb") as handle:
+            handle.write(ipk.control_file(script))
+    return paths
+
+
+@pytest.mark.parametrize("shell", shells(), ids=lambda shell: " ".join(shell))
+def test_shell_scripts_parse(ipk, tmp_path, shell):
+    for label, path in scripts_of(ipk, str(tmp_path)).items():
+        result = subprocess.run(shell + ["-n", path], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+        assert result.returncode == 0, "%s: %s" % (label, result.stderr)
+
+
+def test_shell_scripts_pass_shellcheck(ipk, tmp_path):
+    require_tool("shellcheck")
+    paths = scripts_of(ipk, str(tmp_path))
+
+    result = subprocess.run(["shellcheck"] + sorted(paths.values()), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def snapshot(directory):
+    state = {}
+    for current, directories, files in os.walk(directory):
+        for name in directories + files:
+            path = os.path.join(current, name)
+            info = os.lstat(path)
+            content = None
+            if stat.S_ISREG(info.st_mode):
+                with open(path, "rb") as handle:
+                    content = hashlib.sha256(handle.read()).hexdigest()
+            state[os.path.relpath(path, directory)] = (info.st_mode, info.st_mtime_ns, content)
+    return state
+
+
+@pytest.mark.parametrize("script", MAINTAINER_SCRIPTS)
+@pytest.mark.parametrize("variables", [{"IPKG_INSTROOT": None}, {"IPKG_NO_SCRIPT": "1"}],
+                         ids=["instroot", "no_script"])
+def test_maintainer_script_changes_nothing_in_image(ipk, tmp_path, script, variables):
+    root = tmp_path / "root"
+    outside = tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "sentinel").write_text("unchanged\n")
+    ipk.extract_data(str(root))
+    control_dir = tmp_path / "control"
+    ipk.extract_control(str(control_dir))
+    env = install_test_doubles(str(tmp_path / "doubles"))
+    for name, value in variables.items():
+        env[name] = value if value is not None else str(root)
+    before_root = snapshot(str(root))
+    before_outside = snapshot(str(outside))
+
+    result = subprocess.run(["sh", str(control_dir / script), "configure"], env=env, cwd=str(outside),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True, timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout + result.stderr == ""
+    assert snapshot(str(root)) == before_root
+    assert snapshot(str(outside)) == before_outside
+    assert read_calls(env["UCI_TEST_DOUBLE_LOG"]) == []
+    assert read_calls(env["LOGGER_TEST_DOUBLE_LOG"]) == []
+
+
+def test_uci_defaults_in_image_imports_env(ipk, tmp_path):
+    """The installed migration imports a Go bridge env file under an image root."""
+    root = tmp_path / "root"
+    root.mkdir()
+    ipk.extract_data(str(root))
+    (root / "etc" / "spotfi.env").write_text('SPOTFI_TOKEN="tok-image"\n'
+                                             'SPOTFI_MQTT_BROKER="mqtt://127.0.0.1:1883"\n')
+    env = install_test_doubles(str(tmp_path / "doubles"))
+    env["IPKG_INSTROOT"] = str(root)
+
+    result = subprocess.run(["sh", str(root / "etc" / "uci-defaults" / "90-spotfi-agent-migrate")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True, timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    text = (root / "etc" / "config" / "spotfi").read_text()
+    assert "option token 'tok-image'" in text
+    assert "list broker 'mqtt://127.0.0.1:1883'" in text
+    assert "option enabled '1'" in text
+
+
+# `spotfi-agent check` from the installed tree against a real mosquitto
+
+
+ROUTER_ID = "r-check-1"
+RIGHT_TOKEN = "tok-right-5e1d"
+WRONG_TOKEN = "tok-wrong-77aa"
+
+
+@pytest.fixture
+def password_mosquitto(tmp_path):
+    """A mosquitto that accepts only user ROUTER_ID with password RIGHT_TOKEN."""
+    try:
+        localservices.find_binary("mosquitto")
+        localservices.find_binary("mosquitto_passwd")
+    except localservices.ServiceError as error:
+        if os.environ.get("CI") == "true":
+            pytest.fail(str(error))
+        pytest.skip(str(error))
+    workdir = tmp_path / "mosquitto"
+    workdir.mkdir()
+    password_file = localservices.write_password_file(str(workdir / "passwd"),
+                                                      {ROUTER_ID: RIGHT_TOKEN})
+    service = localservices.mosquitto(str(workdir), password_file=password_file)
+    service.start()
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+@pytest.fixture
+def installed_root(ipk, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    ipk.extract_data(str(root))
+    return root
+
+
+def write_agent_config(root, token, port):
+    (root / "etc" / "config" / "spotfi").write_text(
+        "\nconfig agent 'main'\n"
+        "\toption enabled '1'\n"
+        "\toption token '%s'\n"
+        "\tlist broker 'mqtt://127.0.0.1:%d'\n"
+        "\toption router_id '%s'\n"
+        "\toption tunnel '0'\n\n" % (token, port, ROUTER_ID))
+
+
+def run_installed_check(root, tmp_path):
+    entry_point = str(root / "usr" / "bin" / "spotfi-agent")
+    command = [entry_point, "check", "--root", str(root)]
+    if not os.path.exists("/usr/bin/python3"):
+        command = [sys.executable] + command
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "PYTHONPATH": str(root / SITE_PACKAGES),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    return subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=90)
+
+
+def test_installed_check_connects(installed_root, password_mosquitto, tmp_path):
+    write_agent_config(installed_root, RIGHT_TOKEN, password_mosquitto.port)
+
+    result = run_installed_check(installed_root, tmp_path)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK: connected" in result.stdout
+    assert RIGHT_TOKEN not in result.stdout + result.stderr
+
+
+def test_installed_check_reports_wrong_token(installed_root, password_mosquitto, tmp_path):
+    write_agent_config(installed_root, WRONG_TOKEN, password_mosquitto.port)
+
+    result = run_installed_check(installed_root, tmp_path)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "check failed" in lines[0]
+    assert re.search(r"not authori[sz]ed|bad user ?name or password|authenticat", lines[0],
+                     re.IGNORECASE), lines[0]
+    assert WRONG_TOKEN not in result.stdout + result.stderr

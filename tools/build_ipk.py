@@ -1,0 +1,387 @@
+#!/usr/bin/env python3
+"""Build dist/spotfi-agent_<version>-<release>_all.ipk with the Python standard library only.
+
+The package holds what the OpenWrt SDK builds from the feed in
+openwrt-feed/net/spotfi-agent: the same files, modes, control fields and
+maintainer scripts (tests/test_ipk.py compares the two). Its sources are:
+
+- the version: agent/spotfi_agent/__init__.py, as in the feed Makefile;
+- PKG_RELEASE, the license, maintainer, section, DEPENDS, the description
+  and the conffiles: the feed Makefile;
+- the init script, UCI file, uci-defaults script, entry point, postinst
+  and prerm: the feed's files/ directory;
+- the modules: every *.py file under agent/spotfi_agent.
+
+The build is reproducible. Every member gets the time SOURCE_DATE_EPOCH, or
+else the last commit's time, or else 0; owner root:root (0:0); a fixed mode;
+members are sorted by name; gzip headers carry mtime 0 and no file name.
+
+Usage: tools/build_ipk.py [--output-dir DIR] [--python-version X.Y]
+"""
+
+import argparse
+import gzip
+import hashlib
+import io
+import os
+import re
+import subprocess
+import sys
+import tarfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FEED_PACKAGE_DIR = os.path.join("openwrt-feed", "net", "spotfi-agent")
+PACKAGE_NAME = "spotfi-agent"
+# SOURCE as the SDK writes it for a package of a feed named "spotfi".
+FEED_SOURCE = "feeds/spotfi/net/spotfi-agent"
+# The python3 of OpenWrt 23.05 and 24.10; the modules go to its site-packages.
+DEFAULT_PYTHON_VERSION = "3.11"
+SIZE_TARGET = 60000
+
+# (path in the package, file in the feed's files/, mode), as the feed
+# Makefile's Package/spotfi-agent/install installs them.
+FEED_FILES = (
+    ("usr/bin/spotfi-agent", "spotfi-agent.py", 0o755),
+    ("etc/init.d/spotfi-agent", "spotfi-agent.init", 0o755),
+    ("etc/config/spotfi", "spotfi.config", 0o600),
+    ("etc/uci-defaults/90-spotfi-agent-migrate", "spotfi-agent.uci-defaults", 0o755),
+)
+EMPTY_DIRECTORIES = ("etc/spotfi/handlers.d",)
+CONTROL_SCRIPTS = (
+    ("postinst", "spotfi-agent.postinst"),
+    ("prerm", "spotfi-agent.prerm"),
+)
+DIRECTORY_MODE = 0o755
+DATA_MODE = 0o644
+
+_VERSION_RE = re.compile(r'^__version__ = "([^"]+)"$', re.MULTILINE)
+_ASSIGNMENT_RE = re.compile(r"^\s*([A-Za-z0-9_]+)\s*:=\s*(.*?)\s*$")
+
+
+class BuildError(Exception):
+    """Raised when the package cannot be built from the repository's files."""
+
+
+class Entry:
+    """One tar member: `name` relative to the archive root, `mode`, and `data` (None for a directory)."""
+
+    def __init__(self, name, mode, data=None):
+        self.name = name
+        self.mode = mode
+        self.data = data
+
+    @property
+    def is_directory(self):
+        return self.data is None
+
+
+def read_file(path):
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as error:
+        raise BuildError("cannot read %s: %s" % (path, error.strerror)) from None
+
+
+def read_version(root):
+    """Return __version__ from agent/spotfi_agent/__init__.py."""
+    path = os.path.join(root, "agent", "spotfi_agent", "__init__.py")
+    match = _VERSION_RE.search(read_file(path).decode("utf-8"))
+    if match is None:
+        raise BuildError('%s has no line `__version__ = "X.Y.Z"`' % path)
+    return match.group(1)
+
+
+def _split_makefile(text):
+    """Return (top-level := assignments, {define name: body lines}) of a Makefile."""
+    text = re.sub(r"\\\n\s*", " ", text)
+    variables = {}
+    defines = {}
+    current = None
+    for line in text.split("\n"):
+        stripped = line.strip()
+        if current is not None:
+            if stripped == "endef":
+                current = None
+            else:
+                defines[current].append(line)
+            continue
+        if stripped.startswith("define "):
+            current = stripped[len("define "):].strip()
+            defines[current] = []
+            continue
+        match = _ASSIGNMENT_RE.match(line)
+        if match and not stripped.startswith("#"):
+            variables[match.group(1)] = match.group(2)
+    return variables, defines
+
+
+def _literal(value, name, path):
+    if "$" in value:
+        raise BuildError("%s in %s refers to a make variable (%r); build_ipk.py reads only "
+                         "literal values there" % (name, path, value))
+    return value
+
+
+def read_feed_makefile(path):
+    """Return the package metadata that the feed Makefile sets, as a dict."""
+    variables, defines = _split_makefile(read_file(path).decode("utf-8"))
+    package_define = "Package/%s" % PACKAGE_NAME
+    if package_define not in defines:
+        raise BuildError("%s has no `define %s`" % (path, package_define))
+
+    fields = {}
+    for line in defines[package_define]:
+        match = _ASSIGNMENT_RE.match(line)
+        if match:
+            fields[match.group(1)] = match.group(2)
+
+    meta = {}
+    for name in ("PKG_NAME", "PKG_RELEASE", "PKG_LICENSE", "PKG_LICENSE_FILES", "PKG_MAINTAINER"):
+        if name not in variables:
+            raise BuildError("%s does not set %s" % (path, name))
+        meta[name] = _literal(variables[name], name, path)
+    for name in ("SECTION", "TITLE", "PKGARCH", "DEPENDS"):
+        if name not in fields:
+            raise BuildError("%s does not set %s in `define %s`" % (path, name, package_define))
+        meta[name] = _literal(fields[name], name, path)
+    if meta["PKG_NAME"] != PACKAGE_NAME:
+        raise BuildError("%s names the package %r, expected %r" % (path, meta["PKG_NAME"],
+                                                                   PACKAGE_NAME))
+
+    depends = []
+    for word in meta["DEPENDS"].split():
+        # Conditional (+FOO:pkg) and @ dependencies need the SDK's .config.
+        if not word.startswith("+") or ":" in word or word.startswith("@"):
+            raise BuildError("%s: dependency %r is not of the form +package" % (path, word))
+        depends.append(word[1:])
+    meta["depends"] = depends
+
+    description = defines.get(package_define + "/description", [])
+    meta["description"] = [line.strip() for line in description if line.strip()]
+    conffiles = defines.get(package_define + "/conffiles", [])
+    meta["conffiles"] = [line.strip() for line in conffiles if line.strip()]
+    return meta
+
+
+def source_date_epoch(root, environ=None):
+    """Return SOURCE_DATE_EPOCH, else the last commit's time, else 0."""
+    environ = os.environ if environ is None else environ
+    value = environ.get("SOURCE_DATE_EPOCH")
+    if value:
+        if not value.isdigit():
+            raise BuildError("SOURCE_DATE_EPOCH=%r is not a number of seconds; unset it or "
+                             "give an integer" % value)
+        return int(value)
+    try:
+        result = subprocess.run(["git", "log", "-1", "--format=%ct"], cwd=root,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    output = result.stdout.decode("ascii", "replace").strip()
+    if result.returncode != 0 or not output.isdigit():
+        return 0
+    return int(output)
+
+
+def module_paths(root):
+    """Return the agent's modules as paths relative to agent/, e.g. spotfi_agent/cli.py."""
+    base = os.path.join(root, "agent")
+    package_dir = os.path.join(base, "spotfi_agent")
+    if not os.path.isdir(package_dir):
+        raise BuildError("%s is missing; run build_ipk.py from a spotfi-agent checkout"
+                         % package_dir)
+    modules = []
+    for directory, subdirectories, files in os.walk(package_dir):
+        subdirectories[:] = [name for name in subdirectories if name != "__pycache__"]
+        for name in files:
+            if name.endswith(".py"):
+                modules.append(os.path.relpath(os.path.join(directory, name), base))
+    return sorted(path.replace(os.sep, "/") for path in modules)
+
+
+def data_entries(root, meta, python_version):
+    """Return the Entry list of data.tar.gz: files, their directories and keep.d."""
+    files_dir = os.path.join(root, FEED_PACKAGE_DIR, "files")
+    entries = {}
+
+    for target, source, mode in FEED_FILES:
+        entries[target] = Entry(target, mode, read_file(os.path.join(files_dir, source)))
+
+    site_packages = "usr/lib/python%s/site-packages" % python_version
+    for module in module_paths(root):
+        target = "%s/%s" % (site_packages, module)
+        entries[target] = Entry(target, DATA_MODE, read_file(os.path.join(root, "agent", module)))
+
+    # The SDK lists conffiles that are not files of the package (directories
+    # such as /etc/spotfi/) in /lib/upgrade/keep.d, for sysupgrade.
+    keep = [path for path in meta["conffiles"] if path.lstrip("/") not in entries]
+    if keep:
+        target = "lib/upgrade/keep.d/%s" % PACKAGE_NAME
+        entries[target] = Entry(target, DATA_MODE, "".join(path + "\n" for path in keep).encode())
+
+    directories = set(EMPTY_DIRECTORIES)
+    for path in list(entries) + list(EMPTY_DIRECTORIES):
+        parent = path.rsplit("/", 1)[0] if "/" in path else ""
+        while parent:
+            directories.add(parent)
+            parent = parent.rsplit("/", 1)[0] if "/" in parent else ""
+    for directory in directories:
+        entries[directory] = Entry(directory, DIRECTORY_MODE)
+    entries["."] = Entry(".", DIRECTORY_MODE)
+    return list(entries.values())
+
+
+def resolved_conffiles(meta, entries):
+    """Return the conffiles as ipkg-build writes them: the package's regular files under each entry."""
+    files = [entry.name for entry in entries if not entry.is_directory]
+    resolved = set()
+    for conffile in meta["conffiles"]:
+        path = conffile.strip("/")
+        for name in files:
+            if name == path or name.startswith(path + "/"):
+                resolved.add("/" + name)
+    return sorted(resolved)
+
+
+def _member_name(entry):
+    if entry.name == ".":
+        return "./"
+    return "./" + entry.name + ("/" if entry.is_directory else "")
+
+
+def _sort_key(entry):
+    return [] if entry.name == "." else entry.name.split("/")
+
+
+def tar_bytes(entries, mtime):
+    """Return an uncompressed GNU tar of `entries`, sorted, owned by root, all at `mtime`."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as archive:
+        for entry in sorted(entries, key=_sort_key):
+            info = tarfile.TarInfo(_member_name(entry))
+            info.mode = entry.mode
+            info.mtime = mtime
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            if entry.is_directory:
+                info.type = tarfile.DIRTYPE
+                archive.addfile(info)
+            else:
+                info.size = len(entry.data)
+                archive.addfile(info, io.BytesIO(entry.data))
+    return buffer.getvalue()
+
+
+def gzip_bytes(data):
+    """Compress `data` with a gzip header that names no file and carries mtime 0."""
+    buffer = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, compresslevel=9, mtime=0) as stream:
+        stream.write(data)
+    return buffer.getvalue()
+
+
+def control_text(meta, version, installed_size):
+    """Return the control file, with the fields and order of OpenWrt's package-ipkg.mk."""
+    # The SDK puts libc in front of every package's dependencies.
+    depends = ["libc"] + [name for name in meta["depends"] if name != "libc"]
+    lines = [
+        "Package: %s" % PACKAGE_NAME,
+        "Version: %s" % version,
+        "Depends: %s" % ", ".join(depends),
+        "Source: %s" % FEED_SOURCE,
+        "License: %s" % meta["PKG_LICENSE"],
+        "LicenseFiles: %s" % meta["PKG_LICENSE_FILES"],
+        "Section: %s" % meta["SECTION"],
+        "Maintainer: %s" % meta["PKG_MAINTAINER"],
+        "Architecture: %s" % meta["PKGARCH"],
+        "Installed-Size: %d" % installed_size,
+    ]
+    description = meta["description"] or [meta["TITLE"]]
+    lines.append("Description: " + "\n".join(" " + line for line in description))
+    return "\n".join(lines) + "\n"
+
+
+def control_entries(root, meta, control, conffiles):
+    files_dir = os.path.join(root, FEED_PACKAGE_DIR, "files")
+    entries = [
+        Entry(".", DIRECTORY_MODE),
+        Entry("control", DATA_MODE, control.encode("utf-8")),
+    ]
+    if conffiles:
+        entries.append(Entry("conffiles", DATA_MODE,
+                             "".join(path + "\n" for path in conffiles).encode()))
+    for name, source in CONTROL_SCRIPTS:
+        entries.append(Entry(name, 0o755, read_file(os.path.join(files_dir, source))))
+    return entries
+
+
+def build_ipk(root=ROOT, output_dir=None, python_version=DEFAULT_PYTHON_VERSION, epoch=None):
+    """Build the package; return (path of the .ipk, its bytes)."""
+    if not re.match(r"^3\.[0-9]+$", python_version):
+        raise BuildError("--python-version %r is not of the form 3.N (e.g. %s)"
+                         % (python_version, DEFAULT_PYTHON_VERSION))
+    meta = read_feed_makefile(os.path.join(root, FEED_PACKAGE_DIR, "Makefile"))
+    version = "%s-%s" % (read_version(root), meta["PKG_RELEASE"])
+    if epoch is None:
+        epoch = source_date_epoch(root)
+
+    entries = data_entries(root, meta, python_version)
+    data_tar = tar_bytes(entries, epoch)
+    # ipkg-build sets Installed-Size to the size of the uncompressed data.tar.
+    control = control_text(meta, version, len(data_tar))
+    conffiles = resolved_conffiles(meta, entries)
+    control_tar = tar_bytes(control_entries(root, meta, control, conffiles), epoch)
+
+    outer = [
+        Entry("debian-binary", DATA_MODE, b"2.0\n"),
+        Entry("control.tar.gz", DATA_MODE, gzip_bytes(control_tar)),
+        Entry("data.tar.gz", DATA_MODE, gzip_bytes(data_tar)),
+    ]
+    # opkg reads the outer members in this order, so they are not sorted.
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as archive:
+        for entry in outer:
+            info = tarfile.TarInfo("./" + entry.name)
+            info.mode = entry.mode
+            info.mtime = epoch
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            info.size = len(entry.data)
+            archive.addfile(info, io.BytesIO(entry.data))
+    package = gzip_bytes(buffer.getvalue())
+
+    output_dir = output_dir or os.path.join(root, "dist")
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "%s_%s_%s.ipk" % (PACKAGE_NAME, version, meta["PKGARCH"]))
+    with open(path, "wb") as handle:
+        handle.write(package)
+    return path, package
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Build the spotfi-agent .ipk without the "
+                                                 "OpenWrt SDK.")
+    parser.add_argument("--output-dir", default=os.path.join(ROOT, "dist"),
+                        help="directory for the .ipk (default: dist/)")
+    parser.add_argument("--python-version", default=DEFAULT_PYTHON_VERSION,
+                        help="python3 minor version of the target OpenWrt, whose "
+                             "site-packages gets the modules (default: %(default)s, "
+                             "OpenWrt 23.05 and 24.10)")
+    args = parser.parse_args(argv)
+    try:
+        path, package = build_ipk(ROOT, args.output_dir, args.python_version)
+    except BuildError as error:
+        sys.stderr.write("build_ipk: %s\n" % error)
+        return 1
+    size = len(package)
+    print("%s: %d bytes (%.1f KB), sha256 %s" % (os.path.relpath(path), size, size / 1000.0,
+                                                  hashlib.sha256(package).hexdigest()))
+    if size >= SIZE_TARGET:
+        sys.stderr.write("build_ipk: warning: the package is %d bytes, over the %d byte target\n"
+                         % (size, SIZE_TARGET))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
