@@ -9,8 +9,8 @@ VENV_STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 # Debian packages the suite and the demo run for real.
-SYSTEM_PACKAGES := mosquitto mosquitto-clients redis-server
-SYSTEM_COMMANDS := mosquitto mosquitto_passwd redis-server
+SYSTEM_PACKAGES := mosquitto mosquitto-clients redis-server shellcheck
+SYSTEM_COMMANDS := mosquitto mosquitto_passwd redis-server shellcheck
 
 export PYTHONPATH := $(CURDIR)/agent:$(CURDIR)/refapi:$(CURDIR)/tools
 

@@ -250,3 +250,20 @@ def test_check_reports_bad_token(tmp_path, router_factory):
     assert "not authorized" in result.stderr or "bad username or password" in result.stderr
     assert "wrong-token" not in result.stderr
     assert accepted.returncode == 0
+
+
+def test_duplicate_client_id_backs_off(mosquitto, tmp_path):
+    """Two agents with one router id take the connection from each other; backoff bounds the churn."""
+    first = HostRouter(tmp_path / "dup-a", "duplicate-id", [mosquitto.port])
+    second = HostRouter(tmp_path / "dup-b", "duplicate-id", [mosquitto.port])
+    first.start()
+    second.start()
+    try:
+        time.sleep(12)
+        connects = first.log_text().count("connected to") + second.log_text().count("connected to")
+    finally:
+        first.stop()
+        second.stop()
+
+    # Without backoff the pair reconnects hundreds of times in 12 s.
+    assert 2 <= connects <= 20
