@@ -159,7 +159,12 @@ def _install_signal_handlers(agent):
     try:
         import signal
     except ImportError:
-        log.warning("no signal module: the agent stops only when killed")
+        # NOTE: MicroPython's unix port has no signal module, so SIGTERM (as
+        # procd sends it) ends the agent at once by its default action. The
+        # kernel then closes the socket and the broker publishes the Last Will
+        # OFFLINE, but no clean DISCONNECT is sent.
+        log.info("router %s: no signal module: SIGTERM ends the agent at once and the broker"
+                 " publishes the Last Will OFFLINE", agent.router_id)
         return
 
     read_fd, write_fd = os.pipe()

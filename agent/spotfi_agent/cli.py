@@ -9,6 +9,7 @@ import sys
 
 from spotfi_agent import __version__
 from spotfi_agent import log as logging_setup
+from spotfi_agent.compat import process_environment
 
 USAGE = """usage: spotfi-agent [--root DIR] [--log-level LEVEL] [--transport NAME] COMMAND
 
@@ -77,7 +78,7 @@ def load(options):
     from spotfi_agent import config
 
     root = options["root"] or os.getenv("SPOTFI_ROOT") or "/"
-    environ = dict(os.environ)
+    environ = process_environment()
     if options["log_level"]:
         environ["SPOTFI_LOG_LEVEL"] = options["log_level"]
     if options["transport"]:

@@ -20,6 +20,37 @@ except AttributeError:  # MicroPython: ticks wrap, so fold them into a growing t
         return _ticks_last[1] / 1000.0
 
 
+class GetenvMapping:
+    """The process environment read through os.getenv, with overrides set by item.
+
+    MicroPython has no os.environ; os.getenv reads one variable at a time, so
+    this mapping offers only get() and item assignment, which the settings
+    loader needs.
+    """
+
+    def __init__(self):
+        self._overrides = {}
+
+    def get(self, name, default=None):
+        if name in self._overrides:
+            return self._overrides[name]
+        import os
+        value = os.getenv(name)
+        return default if value is None else value
+
+    def __setitem__(self, name, value):
+        self._overrides[name] = value
+
+
+def process_environment():
+    """Return a mutable copy of the environment: a dict, or a GetenvMapping on MicroPython."""
+    import os
+    environ = getattr(os, "environ", None)
+    if environ is not None:
+        return dict(environ)
+    return GetenvMapping()
+
+
 def path_join(*parts):
     """Join path parts with "/" (MicroPython has no os.path)."""
     result = ""

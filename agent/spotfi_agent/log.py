@@ -46,8 +46,10 @@ class _StderrLogger:
         self._emit(40, "ERROR", message, args)
 
     def exception(self, message, *args):
-        self._emit(40, "ERROR", message, args)
+        # MicroPython clears sys.exc_info() when any later try block ends,
+        # including the one in _emit, so the error is taken first.
         error = sys.exc_info()[1] if hasattr(sys, "exc_info") else None
+        self._emit(40, "ERROR", message, args)
         if error is not None:
             sys.print_exception(error, sys.stderr)
 

@@ -163,6 +163,7 @@ class MetricsCollector:
         self.router_id = router_id
         self._busy = False
         self._warned_no_ubus = False
+        self._warned_no_spawn = False
 
     def collect(self, callback, extras):
         if self._busy:
@@ -175,6 +176,14 @@ class MetricsCollector:
                 log.info("router %s: ubus (%s) not found, metrics come from %s",
                          self.router_id, self.ubus_command, self.proc_dir)
                 self._warned_no_ubus = True
+            callback(build_metrics(read_proc(self.proc_dir), None, None, extras))
+            return
+        cannot_spawn = procrun.unavailable_reason()
+        if cannot_spawn is not None:
+            if not self._warned_no_spawn:
+                log.warning("router %s: metrics come from %s without ubus: %s",
+                            self.router_id, self.proc_dir, cannot_spawn)
+                self._warned_no_spawn = True
             callback(build_metrics(read_proc(self.proc_dir), None, None, extras))
             return
         self._busy = True

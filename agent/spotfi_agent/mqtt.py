@@ -22,12 +22,23 @@ log = get_logger(__name__)
 
 try:
     import ssl
-    _SSL_WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
-except (ImportError, AttributeError):
+except ImportError:
     ssl = None
+
+# CPython's SSLSocket raises these while a non-blocking handshake, read or
+# write waits for the peer. MicroPython's returns None instead and has neither.
+if ssl is not None and hasattr(ssl, "SSLWantReadError"):
+    _SSL_WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+else:
     _SSL_WANT = ()
 
 _WOULD_BLOCK = (errno.EAGAIN, getattr(errno, "EWOULDBLOCK", errno.EAGAIN), errno.EINPROGRESS)
+# Linux errno values that MicroPython's errno module does not name.
+_EISCONN = getattr(errno, "EISCONN", 106)
+# MicroPython's socket module has no IPPROTO_TCP or TCP_NODELAY; these are
+# their Linux values.
+_IPPROTO_TCP = getattr(socket, "IPPROTO_TCP", 6)
+_TCP_NODELAY = getattr(socket, "TCP_NODELAY", 1)
 
 # States of one connection attempt, in the order they are passed through.
 CLOSED = "closed"
@@ -112,10 +123,11 @@ class MqttClient:
             return
         sock.setblocking(False)
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)
         except (OSError, AttributeError):
             pass
         self._sock = sock
+        self._address = address[-1]
         self._fd = sock.fileno()
         self.state = CONNECTING
         self._ssl_context = ssl_context
@@ -133,7 +145,7 @@ class MqttClient:
     def _on_connect_writable(self):
         self.loop.remove_writer(self._fd)
         self._writer_registered = False
-        code = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        code = _connect_error(self._sock, self._address)
         if code:
             self._fail("connection to %s failed: %s" % (self.peer, _strerror(code)))
             return
@@ -148,7 +160,41 @@ class MqttClient:
         except (OSError, ValueError) as error:
             self._fail("TLS set-up for %s failed: %s" % (self.peer, error))
             return
-        self._continue_handshake()
+        if hasattr(self._sock, "do_handshake"):
+            self._continue_handshake()
+            return
+        self._out += self._connect_packet()
+        self._write_during_handshake()
+
+    def _write_during_handshake(self):
+        # MicroPython's SSLSocket has no do_handshake(): its first write runs
+        # the handshake and returns None until the handshake is done. The
+        # client then mostly waits for the server, so the socket is polled for
+        # reading, and the first write that returns a count ends the handshake.
+        # NOTE: a handshake that waits for a full send buffer instead is only
+        # retried when the server sends something, or fails at the connect
+        # timeout; the client's few KB of handshake fit an empty buffer.
+        self.loop.remove_reader(self._fd)
+        try:
+            sent = self._sock.write(self._out)
+        except OSError as error:
+            if getattr(error, "errno", None) not in _WOULD_BLOCK:
+                self._fail("TLS handshake with %s failed: %s" % (self.peer, _describe(error)))
+                return
+            sent = None
+        except ValueError as error:
+            # mbedtls reports certificate errors as ValueError, framed in newlines.
+            self._fail("TLS handshake with %s failed: %s"
+                       % (self.peer, " ".join(str(error).split())))
+            return
+        if not sent:
+            self.loop.add_reader(self._fd, self._write_during_handshake)
+            return
+        self._out[:sent] = b""
+        self._last_sent = self.loop.time()
+        self.state = AWAITING_CONNACK
+        self.loop.add_reader(self._fd, self._on_readable)
+        self._flush()
 
     def _continue_handshake(self):
         try:
@@ -172,12 +218,15 @@ class MqttClient:
     def _start_mqtt(self):
         self.state = AWAITING_CONNACK
         self.loop.add_reader(self._fd, self._on_readable)
+        self._send(self._connect_packet())
+
+    def _connect_packet(self):
         will = None
         if self.will is not None:
             topic, payload, qos, retain = self.will
             will = (topic, _to_bytes(payload), qos, retain)
-        self._send(mqttcodec.encode_connect(self.client_id, self.keepalive, self.username,
-                                            self.password, will))
+        return mqttcodec.encode_connect(self.client_id, self.keepalive, self.username,
+                                        self.password, will)
 
     def _connect_timed_out(self):
         if self.state in (CONNECTING, HANDSHAKING, AWAITING_CONNACK):
@@ -265,7 +314,8 @@ class MqttClient:
                     self.loop.add_writer(self._fd, self._flush)
                     self._writer_registered = True
                 return
-            del self._out[:sent]
+            # Slice assignment, because MicroPython's bytearray has no `del b[:n]`.
+            self._out[:sent] = b""
             self._last_sent = self.loop.time()
         if self._writer_registered and self._sock is not None:
             self.loop.remove_writer(self._fd)
@@ -284,13 +334,19 @@ class MqttClient:
                     break
                 self._fail("read from %s failed: %s" % (self.peer, _describe(error)))
                 return
+            if data is None:
+                # MicroPython's SSLSocket: no decrypted bytes are ready.
+                break
             if not data:
                 self._fail("%s closed the connection" % self.peer)
                 return
             self._in += data
             self._last_received = self.loop.time()
-            # TLS may hold decrypted bytes that poll() does not report.
+            # TLS may hold decrypted bytes that poll() does not report. A TLS
+            # socket without pending() (MicroPython) is read until it returns None.
             pending = getattr(self._sock, "pending", None)
+            if pending is None and self._ssl_context is not None:
+                continue
             if len(data) < READ_SIZE and not (pending and pending()):
                 break
         self._read_packets()
@@ -305,7 +361,7 @@ class MqttClient:
             if packet is None:
                 return
             packet_type, flags, body, used = packet
-            del self._in[:used]
+            self._in[:used] = b""
             try:
                 self._handle_packet(packet_type, flags, body)
             except mqttcodec.ProtocolError as error:
@@ -431,12 +487,33 @@ def _to_bytes(payload):
     return bytes(payload)
 
 
+def _connect_error(sock, address):
+    """Return the errno of a finished non-blocking connect, or 0 when it succeeded."""
+    getsockopt = getattr(sock, "getsockopt", None)
+    if getsockopt is not None:
+        return getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    # MicroPython's socket has no getsockopt. On Linux a second connect()
+    # raises the error of the first one, or succeeds (or raises EISCONN) once
+    # the connection is up.
+    try:
+        sock.connect(address)
+    except OSError as error:
+        code = getattr(error, "errno", None) or 0
+        return 0 if code == _EISCONN else code
+    return 0
+
+
 def _strerror(code):
     try:
         import os
         return "%s (errno %d)" % (os.strerror(code), code)
     except (ImportError, AttributeError):
-        return "errno %d" % code
+        pass
+    # MicroPython has no os.strerror, but errno.errorcode names common codes.
+    name = getattr(errno, "errorcode", {}).get(code)
+    if name:
+        return "%s (errno %d)" % (name, code)
+    return "errno %d" % code
 
 
 def _describe(error):

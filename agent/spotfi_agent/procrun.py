@@ -6,7 +6,11 @@ kills everything it started.
 """
 
 import os
-import signal
+
+try:
+    import signal
+except ImportError:  # MicroPython's unix port has no signal module.
+    signal = None
 
 from spotfi_agent.log import get_logger
 
@@ -14,7 +18,7 @@ log = get_logger(__name__)
 
 try:
     import subprocess
-except ImportError:  # MicroPython: process spawning is provided by another adapter.
+except ImportError:  # MicroPython: run() hands commands to spotfi_agent.mpyprocess.
     subprocess = None
 
 DEFAULT_OUTPUT_CAP = 256 * 1024
@@ -160,6 +164,17 @@ class RunningCommand:
         self.callback(self.result)
 
 
+def unavailable_reason():
+    """Return why this runtime cannot start commands, or None when it can."""
+    if subprocess is not None:
+        return None
+    from spotfi_agent import mpyprocess
+    return mpyprocess.unavailable_reason()
+
+
 def run(loop, argv, timeout, callback, output_cap=DEFAULT_OUTPUT_CAP, env=None):
     """Start `argv`; call callback(CommandResult) on the loop when it ends."""
+    if subprocess is None:
+        from spotfi_agent import mpyprocess
+        return mpyprocess.run(loop, argv, timeout, callback, output_cap, env)
     return RunningCommand(loop, argv, timeout, callback, output_cap, env)

@@ -5,6 +5,7 @@
 RSS on CPython 3.11 (see docs/benchmarks.md) and is CPython only.
 """
 
+from spotfi_agent.compat import MICROPYTHON
 from spotfi_agent.log import get_logger
 
 log = get_logger(__name__)
@@ -38,6 +39,8 @@ def tls_context(settings, broker):
     """
     if not broker.tls:
         return None
+    if MICROPYTHON:
+        return _micropython_tls_context(settings)
     import ssl
     ca_file = settings.paths.system(settings.ca_file) if settings.ca_file else None
     context = ssl.create_default_context(cafile=ca_file)
@@ -47,3 +50,19 @@ def tls_context(settings, broker):
         key_file = settings.paths.system(settings.key_file) if settings.key_file else None
         context.load_cert_chain(settings.paths.system(settings.cert_file), key_file)
     return context
+
+
+def _micropython_tls_context(settings):
+    from spotfi_agent import mpytls
+
+    system = settings.paths.system
+    if settings.ca_file:
+        ca_file = system(settings.ca_file)
+    else:
+        ca_file = mpytls.find_system_ca_file(system)
+        if ca_file is None:
+            raise ValueError("no CA certificates found in %s; install ca-bundle or set ca_file"
+                             % " or ".join(mpytls.SYSTEM_CA_FILES))
+    cert_file = system(settings.cert_file) if settings.cert_file else None
+    key_file = system(settings.key_file) if settings.key_file else None
+    return mpytls.client_context(ca_file, cert_file, key_file)

@@ -12,6 +12,7 @@ the adapter in spotfi_agent.ptyspawn, so another runtime can bring its own.
 import binascii
 import json
 
+from spotfi_agent.compat import MICROPYTHON
 from spotfi_agent.log import get_logger
 
 log = get_logger(__name__)
@@ -182,8 +183,8 @@ class TunnelManager:
             raise RequestError("spawn_failed", "no shell configured: set the option "
                                "tunnel_shell to an installed shell such as /bin/ash")
         if self.spawner is None:
-            raise RequestError("spawn_failed", "this runtime has no PTY support, so terminal "
-                               "sessions cannot start; set tunnel to 0")
+            raise RequestError("spawn_failed", "%s, so terminal sessions cannot start; set "
+                               "tunnel to 0" % _no_pty_reason())
         user, home = self.spawner.user_account()
         env = {
             "TERM": "xterm-256color",
@@ -578,6 +579,13 @@ class TerminalSession:
                 timer.cancel()
         self._idle_timer = None
         self._exit_timer = None
+
+
+def _no_pty_reason():
+    if MICROPYTHON:
+        from spotfi_agent import mpyprocess
+        return mpyprocess.pty_unavailable_reason()
+    return "this runtime has no PTY support"
 
 
 def _disabled_text():
