@@ -56,7 +56,7 @@ class ConfigError(Exception):
     """
 
     def __init__(self, setting, message):
-        Exception.__init__(self, message)
+        super().__init__(message)
         self.setting = setting
         self.message = message
 

@@ -40,7 +40,7 @@ class RequestError(Exception):
     """Raised when a request is invalid. `code` is the protocol's error code."""
 
     def __init__(self, code, message):
-        Exception.__init__(self, message)
+        super().__init__(message)
         self.code = code
         self.message = message
 

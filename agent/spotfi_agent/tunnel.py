@@ -65,7 +65,7 @@ class RequestError(Exception):
     """Raised when a terminal message cannot be served; the manager replies with x-error."""
 
     def __init__(self, code, message):
-        Exception.__init__(self, message)
+        super().__init__(message)
         self.code = code
         self.message = message
 
