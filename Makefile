@@ -9,7 +9,7 @@ VENV_STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 # Debian packages the suite and the demo run for real.
-SYSTEM_PACKAGES := mosquitto mosquitto-clients redis-server shellcheck
+SYSTEM_PACKAGES := mosquitto mosquitto-clients redis-server shellcheck postgresql
 SYSTEM_COMMANDS := mosquitto mosquitto_passwd redis-server shellcheck
 
 export PYTHONPATH := $(CURDIR)/agent:$(CURDIR)/refapi:$(CURDIR)/tools
@@ -23,6 +23,7 @@ system-deps:
 	for cmd in $(SYSTEM_COMMANDS); do \
 		PATH="$$PATH:/usr/sbin:/sbin" command -v "$$cmd" >/dev/null 2>&1 || missing="yes"; \
 	done; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="yes"; \
 	if [ -n "$$missing" ]; then \
 		echo "Installing Debian packages: $(SYSTEM_PACKAGES)"; \
 		if [ "$$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi; \

@@ -251,7 +251,11 @@ class RefApi:
                                             stderr=subprocess.STDOUT, cwd=self.workdir)
         finally:
             log.close()
-        wait_until(self._healthy, 20, 0.1, "refapi %s /health" % self.instance_id)
+        try:
+            wait_until(self._healthy, 20, 0.1, "refapi %s /health" % self.instance_id)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def _healthy(self):
