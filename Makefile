@@ -31,7 +31,7 @@ system-deps:
 		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); \
 	fi
 
-$(VENV_STAMP): requirements/agent.txt requirements/dev.txt
+$(VENV_STAMP): requirements/agent.txt requirements/dev.txt requirements/refapi.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV_PY) -m pip install -q --disable-pip-version-check -r requirements/dev.txt
 	touch $@
