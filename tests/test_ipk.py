@@ -534,7 +534,8 @@ SEPARATE_STDLIB_PACKAGES = {
     "xml": "python3-xml",
     "xmlrpc": "python3-xml",
 }
-MICROPYTHON_ONLY_MODULES = {"micropython", "machine", "network", "uctypes", "utls", "esp", "pyb"}
+MICROPYTHON_ONLY_MODULES = {"micropython", "machine", "network", "uctypes", "utls", "esp", "pyb",
+                            "ffi", "tls"}
 # Import names of the distributions in setup.cfg's extras_require.
 EXTRA_IMPORT_NAMES = {"paho-mqtt": "paho", "pyyaml": "yaml"}
 
