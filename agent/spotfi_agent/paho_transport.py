@@ -41,8 +41,15 @@ class PahoClient:
 
     @property
     def outgoing_bytes(self):
-        # paho keeps its output queue private; report only whether it has any.
-        return 1 if self._paho is not None and self._paho.want_write() else 0
+        """Bytes paho has queued for the socket; the tunnel pauses reading above a limit."""
+        if self._paho is None:
+            return 0
+        # paho 1.6 and 2.x queue packets in the private deque _out_packet, each
+        # a dict with the encoded "packet" and the "pos" written so far.
+        queue = getattr(self._paho, "_out_packet", None)
+        if queue is None:
+            return 1 if self._paho.want_write() else 0
+        return sum(len(entry["packet"]) - entry["pos"] for entry in list(queue))
 
     @property
     def unacknowledged(self):
