@@ -324,6 +324,16 @@ class MqttClient:
             self._fail("disconnected by the agent", clean=True)
 
     def _on_readable(self):
+        try:
+            self._read_available()
+        except MemoryError:
+            # MicroPython's heap has a fixed size (-X heapsize). Closing the
+            # connection frees the buffers of a packet too large for it,
+            # where reading on would fail the same way on every event.
+            self._fail("out of memory with %d bytes read from %s; start micropython with a"
+                       " larger -X heapsize" % (len(self._in), self.peer))
+
+    def _read_available(self):
         while self._sock is not None:
             try:
                 data = self._sock.recv(READ_SIZE)
