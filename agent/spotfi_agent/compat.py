@@ -66,12 +66,32 @@ def path_join(*parts):
     return result
 
 
-def read_text(path, limit=1048576):
-    """Return the text of a file, or None when it does not exist or cannot be read."""
+READ_CHUNK_SIZE = 16384
+
+
+def read_bytes(path, limit=1048576):
+    """Return up to `limit` bytes of a file, or None when it does not exist or cannot be read."""
+    chunks = []
+    size = 0
     try:
         with open(path, "rb") as handle:
-            data = handle.read(limit)
+            # Small reads, because MicroPython allocates the whole size asked
+            # for, however short the file: 1 MB of its 2 MB default heap.
+            while size < limit:
+                chunk = handle.read(min(READ_CHUNK_SIZE, limit - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
     except OSError:
+        return None
+    return b"".join(chunks)
+
+
+def read_text(path, limit=1048576):
+    """Return the text of a file, or None when it does not exist or cannot be read."""
+    data = read_bytes(path, limit)
+    if data is None:
         return None
     return data.decode("utf-8", "replace")
 

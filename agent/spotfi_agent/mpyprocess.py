@@ -4,15 +4,13 @@ procrun.run() hands commands to run() here when subprocess is missing. The
 unix port's os module offers system() but no fork, exec, pipe or waitpid,
 and system() runs its command through /bin/sh -c, which the agent never does
 with arguments taken from a request. Starting a process from an argument
-vector therefore needs the `ffi` module, to call libc directly. Without it
-every command finishes at once with `error` set to NO_FFI_REASON, so RPC
-callers get a clear "failed" result and metrics come from /proc alone.
+vector therefore needs the `ffi` module, to call libc directly, and this
+module does not call it yet. Every command finishes at once with `error`
+set to the reason from unavailable_reason(), so RPC callers get a clear
+"failed" result and metrics come from /proc alone.
 """
 
-from spotfi_agent.log import get_logger
 from spotfi_agent.procrun import CommandResult
-
-log = get_logger(__name__)
 
 try:
     import ffi
@@ -28,11 +26,10 @@ def unavailable_reason():
     """Return why commands cannot start on this runtime, or None when they can."""
     if ffi is None:
         return NO_FFI_REASON
-    try:
-        from spotfi_agent import mpyffi  # noqa: F401
-    except ImportError:
-        return "this agent has no ffi process runner for MicroPython (spotfi_agent.mpyffi)"
-    return None
+    # NOTE: fork, pipe, execvp and waitpid through ffi are not written yet,
+    # because no MicroPython build with ffi was at hand to test them.
+    return ("this agent cannot start processes through MicroPython's ffi module yet; run it on"
+            " CPython to use ubus, operator handlers and the terminal")
 
 
 def pty_unavailable_reason():
@@ -64,8 +61,4 @@ class UnstartedCommand:
 
 def run(loop, argv, timeout, callback, output_cap, env=None):
     """Start `argv` like procrun.run(); call callback(CommandResult) on the loop when it ends."""
-    reason = unavailable_reason()
-    if reason is None:
-        from spotfi_agent import mpyffi
-        return mpyffi.RunningCommand(loop, argv, timeout, callback, output_cap, env)
-    return UnstartedCommand(loop, reason, callback)
+    return UnstartedCommand(loop, unavailable_reason(), callback)

@@ -11,6 +11,8 @@ wrap_socket() gets server_hostname, which the MQTT client always passes.
 
 import binascii
 
+from spotfi_agent.compat import read_bytes
+
 # System CA bundles of OpenWrt's ca-bundle package and of Debian's
 # ca-certificates, used when ca_file is not set.
 SYSTEM_CA_FILES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/ssl/cert.pem")
@@ -57,11 +59,9 @@ def pem_to_der(data, labels):
 
 
 def _read(path, description):
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_FILE_SIZE + 1)
-    except OSError as error:
-        raise ValueError("cannot read %s %s: %s" % (description, path, error))
+    data = read_bytes(path, MAX_FILE_SIZE + 1)
+    if data is None:
+        raise ValueError("cannot read %s %s: it is missing or not readable" % (description, path))
     if len(data) > MAX_FILE_SIZE:
         raise ValueError("%s %s is larger than %d bytes" % (description, path, MAX_FILE_SIZE))
     return data
