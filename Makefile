@@ -51,5 +51,27 @@ bench: system-deps venv
 ipk:
 	$(PYTHON) tools/build_ipk.py
 
+# QEMU stand-in router for the end-to-end tests (qemu/README.md).
+QEMU_PACKAGES := qemu-system-x86 e2fsprogs
+QEMU_COMMANDS := qemu-system-x86_64 mke2fs
+
+.PHONY: qemu-image qemu-test
+
+qemu-image: venv
+	@missing=""; \
+	for cmd in $(QEMU_COMMANDS); do \
+		PATH="$$PATH:/usr/sbin:/sbin" command -v "$$cmd" >/dev/null 2>&1 || missing="yes"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "Installing Debian packages: $(QEMU_PACKAGES)"; \
+		if [ "$$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi; \
+		$$sudo apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $(QEMU_PACKAGES); \
+	fi
+	$(VENV_PY) qemu/build_image.py
+
+qemu-test: system-deps qemu-image
+	$(VENV_PY) -m pytest $(PYTEST_ARGS) tests/qemu
+
 clean:
 	rm -rf $(VENV) dist build .pytest_cache
