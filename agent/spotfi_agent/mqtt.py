@@ -20,17 +20,25 @@ from spotfi_agent.log import get_logger
 
 log = get_logger(__name__)
 
-try:
-    import ssl
-except ImportError:
-    ssl = None
-
+# ssl is imported by the first TLS connection only: on CPython 3.11 it costs
+# about 4.3 MB of RSS, more than the rest of the agent together.
+ssl = None
 # CPython's SSLSocket raises these while a non-blocking handshake, read or
 # write waits for the peer. MicroPython's returns None instead and has neither.
-if ssl is not None and hasattr(ssl, "SSLWantReadError"):
-    _SSL_WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
-else:
-    _SSL_WANT = ()
+_SSL_WANT = ()
+
+
+def _load_ssl():
+    global ssl, _SSL_WANT
+    if ssl is not None:
+        return
+    try:
+        import ssl as module
+    except ImportError:  # MicroPython builds that name it only `tls` (see mpytls)
+        return
+    ssl = module
+    if hasattr(ssl, "SSLWantReadError"):
+        _SSL_WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 _WOULD_BLOCK = (errno.EAGAIN, getattr(errno, "EWOULDBLOCK", errno.EAGAIN), errno.EINPROGRESS)
 # Linux errno values that MicroPython's errno module does not name.
@@ -112,6 +120,8 @@ class MqttClient:
         if self.state != CLOSED:
             raise MqttError("connect() while %s to %s" % (self.state, self.peer))
         self.peer = "%s:%d" % (host, port)
+        if ssl_context is not None:
+            _load_ssl()
         self._closing = False
         self._in = bytearray()
         self._out = bytearray()

@@ -279,14 +279,10 @@ def run_subprocess(argv):
 
     Raises OSError when the command cannot start or runs past UCI_TIMEOUT seconds.
     """
-    import subprocess
+    from spotfi_agent import procrun
 
-    try:
-        completed = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   timeout=UCI_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise OSError("%s timed out after %d s" % (argv[0], UCI_TIMEOUT)) from None
-    return completed.returncode, completed.stdout.decode("utf-8", "replace")
+    status, output = procrun.run_capture(argv, UCI_TIMEOUT)
+    return status, output.decode("utf-8", "replace")
 
 
 def _split_config_path(config_path):
