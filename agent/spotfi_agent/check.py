@@ -13,7 +13,7 @@ def check_connection(settings, out=None, err=None):
     """Connect to each broker in turn until one accepts; return the exit status.
 
     The client id is `router-{id}-check`, so checking a router that runs the
-    agent does not disconnect it; no Last Will is set and nothing is published.
+    agent does not disconnect it. No Last Will is set and nothing is published.
     """
     out = out or sys.stdout
     err = err or sys.stderr

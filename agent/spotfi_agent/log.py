@@ -1,10 +1,9 @@
 """Logging to stderr.
 
 procd passes the agent's stderr to logd, so `logread -e spotfi` shows these
-lines. The agent writes them with a small logger of its own: importing
-`logging` costs about 0.65 MB of RSS on CPython 3.11 (with traceback,
-threading and re), a sixth of the agent's memory budget, and MicroPython has
-no `logging` at all. When the process has already imported `logging` (a test
+lines. The agent writes them with a small logger of its own, because
+importing `logging` costs about 0.65 MB of RSS on CPython 3.11 (with
+traceback, threading and re). MicroPython has no `logging` at all. When the process has already imported `logging` (a test
 run, or a program embedding the agent), the standard loggers are used, so
 their handlers and pytest's caplog see the agent's lines.
 """

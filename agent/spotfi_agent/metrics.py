@@ -93,8 +93,8 @@ def parse_netdev(text):
 def count_uspot_clients(reply):
     """Count clients in `ubus call uspot client_list` output.
 
-    uspot answers {interface: {mac: {...}}}; a flat list or {mac: {...}} is
-    counted as well, because its shape has changed between uspot versions.
+    uspot returns {interface: {mac: {...}}}. A flat list or {mac: {...}} is
+    counted as well, because the shape has changed between uspot versions.
     """
     if isinstance(reply, list):
         return len(reply)

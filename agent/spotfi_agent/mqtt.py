@@ -404,7 +404,7 @@ class MqttClient:
             if qos == 1:
                 self._send(mqttcodec.encode_ack(mqttcodec.PUBACK, packet_id))
             elif qos == 2:
-                # Subscriptions ask for QoS 1 at most; answer QoS 2 correctly anyway.
+                # Subscriptions request QoS 1 at most, but a QoS 2 delivery still gets a PUBREC.
                 self._send(mqttcodec.encode_ack(mqttcodec.PUBREC, packet_id))
             if self.on_message is not None:
                 self.on_message(topic, payload, qos, retain)
@@ -467,7 +467,7 @@ class MqttClient:
                 self._fail("no PINGRESP from %s within %.0f s" % (self.peer, now - self._ping_sent_at))
                 return
         elif now - self._last_sent >= self.keepalive * 0.75 or now - self._last_received >= self.keepalive * 0.75:
-            # A broker that is only sent QoS 0 messages never answers, so a
+            # A broker that is only sent QoS 0 messages never replies, so a
             # half-open connection is found only by pinging it.
             self._ping_sent_at = now
             self._send(mqttcodec.PINGREQ_PACKET)

@@ -140,7 +140,13 @@ class PahoClient:
                                  else getattr(flags, "session_present", False)))
 
     def _paho_disconnected(self, client, userdata, *args):
-        code = args[-2] if len(args) >= 2 else args[0] if args else None
+        # paho 2.x passes (flags, reason_code, properties), paho 1.6 passes (rc).
+        if len(args) >= 2:
+            code = args[-2]
+        elif args:
+            code = args[0]
+        else:
+            code = None
         code = getattr(code, "value", code)
         if code == 0 or code is None:
             self._closed("disconnected by the agent")

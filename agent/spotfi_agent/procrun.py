@@ -29,7 +29,7 @@ class CommandResult:
     """The outcome of one command.
 
     `status` is the exit status (negative for a signal), or None when the
-    command could not start (`error` then says why) or was killed on timeout
+    command could not start (`error` then gives the reason) or was killed on timeout
     (`timed_out` is then True).
     """
 
@@ -187,7 +187,7 @@ class RunningCommand:
             return
         self.result.timed_out = True
         self.kill()
-        # A grandchild may keep the pipes open; the result stops here.
+        # A grandchild may keep the pipes open, so the output read so far is the result.
         for fd in list(self._buffers):
             self._close_pipe(fd)
         self._check_done()
