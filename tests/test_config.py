@@ -209,20 +209,49 @@ def test_tunnel_shell_default_prefers_ash(tmp_path):
 
 def test_tunnel_shell_missing_warns(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="spotfi_agent.config")
-    root = make_root(tmp_path, TOKEN, "mqtt://b", "option tunnel_shell '/bin/bash'")
-    assert load(root).tunnel_shell == "/bin/bash"
-    assert "tunnel_shell '/bin/bash'" in caplog.text
+    missing = str(tmp_path / "no-such-shell")
+    root = make_root(tmp_path, TOKEN, "mqtt://b", "option tunnel_shell '%s'" % missing)
+    assert load(root).tunnel_shell == missing
+    assert "tunnel_shell '%s'" % missing in caplog.text
     assert "not an executable file" in caplog.text
 
     caplog.clear()
-    write(tmp_path, "bin/bash", "#!/bin/sh\n", 0o644)
+    write(tmp_path, "no-such-shell", "#!/bin/sh\n", 0o644)
     load(root)
     assert "not an executable file" in caplog.text
 
     caplog.clear()
-    os.chmod(root + "/bin/bash", 0o755)
-    assert load(root).tunnel_shell == "/bin/bash"
+    os.chmod(missing, 0o755)
+    assert load(root).tunnel_shell == missing
     assert caplog.text == ""
+
+
+def test_tunnel_shell_checked_outside_root(tmp_path, caplog):
+    """The shell runs on this machine, so a fake root without bin/sh gives no warning."""
+    caplog.set_level(logging.WARNING, logger="spotfi_agent.config")
+    root = make_root(tmp_path, TOKEN, "mqtt://b", "option tunnel_shell '/bin/sh'")
+
+    assert load(root).tunnel_shell == "/bin/sh"
+    assert caplog.text == ""
+
+
+def test_missing_root_directory_is_error(tmp_path):
+    try:
+        config.load_settings(root=str(tmp_path / "absent"), environ={})
+    except config.ConfigError as error:
+        assert error.setting == "root"
+        assert "not found" in str(error)
+    else:
+        raise AssertionError("a missing root directory was accepted")
+
+
+def test_override_wins_and_names_source(tmp_path):
+    root = make_root(tmp_path, TOKEN, "mqtt://b", "option log_level 'info'")
+    settings = config.load_settings(root=root, environ={},
+                                    overrides={"log_level": ("debug", "command line --log-level")})
+
+    assert settings.log_level == "debug"
+    assert settings.sources["log_level"] == "command line --log-level"
 
 
 def test_tunnel_shell_unchecked_when_tunnel_off(tmp_path, caplog):

@@ -73,6 +73,7 @@ def main():
     services = []
     processes = []
     stopping = []
+    failed = []
 
     def stop_all(*_):
         if stopping:
@@ -89,8 +90,11 @@ def main():
                     process.wait(5)
         for service in reversed(services):
             service.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
-        print("Stopped.")
+        if failed:
+            print("Stopped. The logs are kept in %s" % workdir)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+            print("Stopped.")
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
@@ -138,16 +142,27 @@ def main():
         print(json.dumps(result, indent=2))
 
         print("\nOpen a terminal on the router in another shell:")
-        print("  PYTHONPATH=refapi %s -m spotfi_refapi.xclient --url %s %s"
-              % (os.path.relpath(sys.executable, ROOT), api_url, ROUTER_ID))
+        print("  PYTHONPATH=%s %s -m spotfi_refapi.xclient --url %s %s"
+              % (os.path.join(ROOT, "refapi"), sys.executable, api_url, ROUTER_ID))
+        print("\nCall the API yourself:")
+        print("  curl %s/routers/%s" % (api_url, ROUTER_ID))
+        print("  curl -X POST -H 'Content-Type: application/json' "
+              "-d '{\"path\": \"spotfi.agent\", \"method\": \"ping\"}' %s/routers/%s/rpc"
+              % (api_url, ROUTER_ID))
         print("\nPress Ctrl-C to stop everything the demo started.")
         while all(process.poll() is None for process in processes):
             time.sleep(0.5)
-        print("demo: a process exited; see the logs in %s" % workdir)
+        failed.append(True)
+        print("demo: a process exited unexpectedly")
     except KeyboardInterrupt:
         pass
+    except BaseException:
+        failed.append(True)
+        raise
     finally:
         stop_all()
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -78,12 +78,11 @@ def load(options):
     from spotfi_agent import config
 
     root = options["root"] or os.getenv("SPOTFI_ROOT") or "/"
-    environ = process_environment()
-    if options["log_level"]:
-        environ["SPOTFI_LOG_LEVEL"] = options["log_level"]
-    if options["transport"]:
-        environ["SPOTFI_TRANSPORT"] = options["transport"]
-    return config.load_settings(root=root, environ=environ)
+    overrides = {}
+    for name in ("log_level", "transport"):
+        if options[name]:
+            overrides[name] = (options[name], "command line --%s" % name.replace("_", "-"))
+    return config.load_settings(root=root, environ=process_environment(), overrides=overrides)
 
 
 def main(argv=None):

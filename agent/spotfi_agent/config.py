@@ -445,6 +445,13 @@ def _default_value(option, paths):
     return option.default, "default"
 
 
+def _is_directory(path):
+    try:
+        return os.stat(path)[0] & 0o170000 == 0o040000
+    except OSError:
+        return False
+
+
 def _check_shell(settings):
     """Warn when the configured shell cannot run.
 
@@ -453,7 +460,8 @@ def _check_shell(settings):
     """
     if not settings.tunnel or settings.sources["tunnel_shell"] == "default":
         return
-    path = settings.paths.system(settings.tunnel_shell)
+    # The shell runs on this machine whatever --root says, so the real path is checked.
+    path = settings.tunnel_shell
     if not _is_executable_file(path):
         log.warning("tunnel_shell '%s' from %s: %s is not an executable file, so terminal "
                     "sessions will fail to start; set tunnel_shell to an installed shell",
@@ -478,19 +486,28 @@ def _check_tls(settings):
                         name)
 
 
-def load_settings(root="/", environ=None, run_command=None):
+def load_settings(root="/", environ=None, run_command=None, overrides=None):
     """Read, merge and validate the settings; return a Settings or raise ConfigError.
 
     `environ` maps variable names to values (the process environment by
     default). `run_command(argv)` runs `uci` and returns (exit status, output
     text), or raises OSError when the command cannot run. It is used only when
     `root` is "/". Without it, a subprocess runs `uci` on CPython when `uci`
-    is on PATH, and the file is parsed otherwise.
+    is on PATH, and the file is parsed otherwise. `overrides` maps option
+    names to (value, source) pairs that win over every source, such as
+    command-line flags.
     """
     paths = Paths(root)
+    if not paths.is_real_root() and not _is_directory(paths.root):
+        raise ConfigError("root", "root directory '%s' not found: pass an existing directory "
+                                  "with --root or SPOTFI_ROOT" % paths.root)
     if environ is None:
         environ = _process_environment()
     values = _collect_values(paths, environ, run_command)
+    for name in overrides or {}:
+        value, source = overrides[name]
+        if value is not None and not _is_empty(value):
+            values[name] = (value, source)
     settings = Settings(paths)
 
     for option in OPTIONS:

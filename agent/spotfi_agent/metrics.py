@@ -163,7 +163,16 @@ class MetricsCollector:
         self.router_id = router_id
         self._busy = False
         self._warned_no_ubus = False
+        self._warned_no_proc = False
         self._warned_no_spawn = False
+
+    def _read_proc(self):
+        figures = read_proc(self.proc_dir)
+        if "uptime" not in figures and not self._warned_no_proc:
+            log.warning("router %s: cannot read %s/uptime, so metrics from /proc are zero; "
+                        "check that procfs is mounted there", self.router_id, self.proc_dir)
+            self._warned_no_proc = True
+        return figures
 
     def collect(self, callback, extras):
         if self._busy:
@@ -176,7 +185,7 @@ class MetricsCollector:
                 log.info("router %s: ubus (%s) not found, metrics come from %s",
                          self.router_id, self.ubus_command, self.proc_dir)
                 self._warned_no_ubus = True
-            callback(build_metrics(read_proc(self.proc_dir), None, None, extras))
+            callback(build_metrics(self._read_proc(), None, None, extras))
             return
         cannot_spawn = procrun.unavailable_reason()
         if cannot_spawn is not None:
@@ -184,7 +193,7 @@ class MetricsCollector:
                 log.warning("router %s: metrics come from %s without ubus: %s",
                             self.router_id, self.proc_dir, cannot_spawn)
                 self._warned_no_spawn = True
-            callback(build_metrics(read_proc(self.proc_dir), None, None, extras))
+            callback(build_metrics(self._read_proc(), None, None, extras))
             return
         self._busy = True
         replies = {}
@@ -193,7 +202,7 @@ class MetricsCollector:
             replies[name] = _parse_reply(result, name, self.router_id)
             if len(replies) == 2:
                 self._busy = False
-                callback(build_metrics(read_proc(self.proc_dir), replies["system"],
+                callback(build_metrics(self._read_proc(), replies["system"],
                                        replies["uspot"], extras))
 
         procrun.run(self.loop, [ubus, "call", "system", "info"], COLLECTOR_TIMEOUT,
