@@ -38,7 +38,8 @@ $(VENV_STAMP): requirements/agent.txt requirements/dev.txt requirements/refapi.t
 
 venv: $(VENV_STAMP)
 
-test: system-deps venv
+# The suite includes the QEMU end-to-end tests, so it needs the stand-in image.
+test: system-deps venv qemu-image
 	$(VENV_PY) -m pytest $(PYTEST_ARGS) tests
 
 demo: system-deps venv
@@ -70,8 +71,10 @@ qemu-image: venv
 	fi
 	$(VENV_PY) qemu/build_image.py
 
+# Every test that boots a guest: the smoke tests, the agent in the guest,
+# and the guest variant of tests/test_e2e_refapi.py.
 qemu-test: system-deps qemu-image
-	$(VENV_PY) -m pytest $(PYTEST_ARGS) tests/qemu
+	$(VENV_PY) -m pytest $(PYTEST_ARGS) -m qemu tests
 
 clean:
 	rm -rf $(VENV) dist build .pytest_cache

@@ -1,11 +1,15 @@
 """Processes and observers for the end-to-end tests.
 
-HostRouter runs the real agent as a child process against a fake root tree
-(its UCI file written as an operator would). MqttObserver is a paho-mqtt
-subscriber standing where the cloud API would be. RefApi runs the reference
-API as a child process. Each is stopped by the PID it started.
+RouterUnderTest is what the end-to-end suites need from a router running
+the agent. HostRouter runs the real agent as a child process against a fake
+root tree (its UCI file written as an operator would); GuestRouter
+(tests/routers.py) installs the agent's ipk in a QEMU guest. MqttObserver is
+a paho-mqtt subscriber standing where the cloud API would be. RefApi runs
+the reference API as a child process. Each is stopped by the PID it started.
 """
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -56,8 +60,50 @@ def write_uci(path, options, lists=None):
         handle.write("\n".join(lines) + "\n")
 
 
-class HostRouter:
+def parse_children(stat_lines, pid):
+    """Return [(child pid, state letter)] of process `pid` from lines of /proc/<pid>/stat."""
+    children = []
+    for line in stat_lines:
+        if ")" not in line:
+            continue
+        child = line.split(" ", 1)[0]
+        fields = line.rsplit(")", 1)[1].split()
+        if len(fields) >= 2 and child.isdigit() and int(fields[1]) == pid:
+            children.append((int(child), fields[0]))
+    return children
+
+
+class RouterUnderTest:
+    """A router running spotfi-agent, as the end-to-end suites drive it.
+
+    Implementations: HostRouter (the agent as a process of this host) and
+    GuestRouter in tests/routers.py (the agent installed from its ipk in a
+    QEMU guest). Members:
+
+    - `kind` ("host" or "qemu") and `router_id`;
+    - start() starts the agent and returns self; stop() stops the agent;
+      close() stops the agent and releases everything the router holds;
+    - add_handler_file(name, content) writes an operator handler file,
+      before start() (the agent reads handlers when it starts);
+    - shell(command) runs a /bin/sh command on the router, returns its stdout;
+    - agent_pid(), child_processes(pid), open_fd_count(pid) inspect the
+      agent's process on the router;
+    - ubus_test_double() is a context manager in which `ubus` on the
+      agent's PATH is tests/bin/ubus_test_double;
+    - log_text() returns the agent's log.
+    """
+
+    kind = None
+    router_id = None
+
+    def shell(self, command, timeout=30.0):
+        raise NotImplementedError("%s does not run shell commands" % type(self).__name__)
+
+
+class HostRouter(RouterUnderTest):
     """The agent under test, run on this host as `python -m spotfi_agent run --root DIR`."""
+
+    kind = "host"
 
     def __init__(self, workdir, router_id, broker_ports, token="test-token", options=None,
                  with_ubus=True, transport="native", interpreter=None):
@@ -154,12 +200,51 @@ class HostRouter:
                 self.process.kill()
                 self.process.wait(5)
 
+    def close(self):
+        self.stop()
+
     def log_text(self):
         try:
             with open(self.log_path, "rb") as handle:
                 return handle.read().decode("utf-8", "replace")
         except OSError:
             return ""
+
+    def shell(self, command, timeout=30.0):
+        result = subprocess.run(["/bin/sh", "-c", command], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, env=self.environment(), timeout=timeout)
+        return result.stdout.decode("utf-8", "replace")
+
+    def agent_pid(self):
+        return self.pid
+
+    def child_processes(self, pid):
+        lines = []
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open("/proc/%s/stat" % name) as handle:
+                    lines.append(handle.read())
+            except OSError:
+                continue
+        return parse_children(lines, pid)
+
+    def open_fd_count(self, pid):
+        return len(os.listdir("/proc/%d/fd" % pid))
+
+    @contextlib.contextmanager
+    def ubus_test_double(self):
+        """Make sure the test double is the agent's `ubus`; a link made here goes again on exit."""
+        link = os.path.join(self.bin_dir, "ubus")
+        created = not os.path.lexists(link)
+        if created:
+            os.symlink(UBUS_TEST_DOUBLE, link)
+        try:
+            yield
+        finally:
+            if created:
+                os.remove(link)
 
 
 class MqttObserver:
@@ -202,8 +287,10 @@ class MqttObserver:
         info.wait_for_publish(10)
 
     def close(self):
-        self.client.loop_stop()
+        # disconnect() first wakes paho's network thread, which loop_stop()
+        # would otherwise wait out for up to a second in select().
         self.client.disconnect()
+        self.client.loop_stop()
 
 
 def fresh_status(port, router_id, timeout=5.0):
@@ -302,3 +389,61 @@ class RefApi:
                 return handle.read().decode("utf-8", "replace")
         except OSError:
             return ""
+
+
+class Expect:
+    """A terminal_session() step: wait until the output so far contains `text`."""
+
+    def __init__(self, text):
+        self.text = text
+
+
+async def terminal_session(api_url, router_id, commands, cols=80, rows=24, until=None,
+                           timeout=30.0):
+    """Open WS /x to `router_id`, send each command, return (output bytes, control messages).
+
+    A bytes command is sent as terminal input, a dict as a JSON control
+    message (e.g. resize), and an Expect waits for its text in the output
+    before the next one goes. The session ends when `until(output)` is true,
+    on an exit or error control message, or fails after `timeout` seconds.
+    """
+    import aiohttp
+
+    output = bytearray()
+    controls = []
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect("%s/x?routerId=%s&cols=%d&rows=%d"
+                                      % (api_url, router_id, cols, rows)) as ws:
+            async def reader():
+                async for message in ws:
+                    if message.type == aiohttp.WSMsgType.BINARY:
+                        output.extend(message.data)
+                        if until is not None and until(bytes(output)):
+                            return
+                    elif message.type == aiohttp.WSMsgType.TEXT:
+                        controls.append(json.loads(message.data))
+                        if controls[-1].get("type") in ("exit", "error"):
+                            return
+
+            async def writer(task):
+                for command in commands:
+                    if isinstance(command, Expect):
+                        while command.text not in output:
+                            if task.done():
+                                raise AssertionError("the terminal session ended before %r "
+                                                     "appeared; output: %r"
+                                                     % (command.text, bytes(output[-500:])))
+                            await asyncio.sleep(0.05)
+                    elif isinstance(command, dict):
+                        await ws.send_str(json.dumps(command))
+                    else:
+                        await ws.send_bytes(command)
+                    await asyncio.sleep(0.1)
+                await task
+
+            task = asyncio.ensure_future(reader())
+            try:
+                await asyncio.wait_for(writer(task), timeout)
+            finally:
+                task.cancel()
+    return bytes(output), controls

@@ -6,7 +6,6 @@ CI=true, where it fails them: CI must install what the suite needs.
 """
 
 import os
-import shutil
 import sys
 
 import pytest
@@ -16,24 +15,17 @@ QEMU_DIR = os.path.join(ROOT, "qemu")
 if QEMU_DIR not in sys.path:
     sys.path.insert(0, QEMU_DIR)
 
-from spotfi_qemu import build_image  # noqa: E402
-
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "qemu: boots the QEMU stand-in router (slow: seconds per boot)")
 
 
-def _require_qemu():
-    if shutil.which("qemu-system-x86_64") is None:
-        message = ("qemu-system-x86_64 is not installed; run `make qemu-image`, which installs "
-                   "qemu-system-x86")
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-
-
 @pytest.fixture(scope="session")
 def qemu_image():
     """The stand-in image's ImagePaths, built from Debian packages on first use and cached."""
-    _require_qemu()
+    # Imported here: routers uses the `qemu` marker, which pytest_configure registers.
+    from routers import require_qemu
+    from spotfi_qemu import build_image
+
+    require_qemu()
     return build_image()
