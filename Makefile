@@ -8,9 +8,14 @@ VENV_PY := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-# Debian packages the suite and the demo run for real.
-SYSTEM_PACKAGES := mosquitto mosquitto-clients redis-server shellcheck postgresql
-SYSTEM_COMMANDS := mosquitto mosquitto_passwd redis-server shellcheck
+# Debian packages the demo runs for real; the suite adds the linter and
+# PostgreSQL (its store tests start their own cluster). `make demo` sets
+# NEED_TEST_PACKAGES empty, so a demo never installs a system database.
+DEMO_PACKAGES := mosquitto mosquitto-clients redis-server
+TEST_PACKAGES := shellcheck postgresql
+NEED_TEST_PACKAGES ?= yes
+SYSTEM_PACKAGES = $(DEMO_PACKAGES) $(if $(NEED_TEST_PACKAGES),$(TEST_PACKAGES))
+SYSTEM_COMMANDS = mosquitto mosquitto_passwd redis-server $(if $(NEED_TEST_PACKAGES),shellcheck)
 
 export PYTHONPATH := $(CURDIR)/agent:$(CURDIR)/refapi:$(CURDIR)/tools
 
@@ -23,7 +28,9 @@ system-deps:
 	for cmd in $(SYSTEM_COMMANDS); do \
 		PATH="$$PATH:/usr/sbin:/sbin" command -v "$$cmd" >/dev/null 2>&1 || missing="yes"; \
 	done; \
-	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="yes"; \
+	if [ -n "$(NEED_TEST_PACKAGES)" ]; then \
+		ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="yes"; \
+	fi; \
 	if [ -n "$$missing" ]; then \
 		echo "Installing Debian packages: $(SYSTEM_PACKAGES)"; \
 		if [ "$$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi; \
@@ -42,7 +49,8 @@ venv: $(VENV_STAMP)
 test: system-deps venv qemu-image
 	$(VENV_PY) -m pytest $(PYTEST_ARGS) tests
 
-demo: system-deps venv
+demo: venv
+	@$(MAKE) --no-print-directory system-deps NEED_TEST_PACKAGES=
 	$(VENV_PY) tools/demo.py
 
 bench: system-deps venv

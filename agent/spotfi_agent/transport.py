@@ -6,6 +6,7 @@ RSS on CPython 3.11 (see docs/benchmarks.md) and is CPython only.
 """
 
 from spotfi_agent.compat import MICROPYTHON
+from spotfi_agent.compat import MICROPYTHON
 from spotfi_agent.log import get_logger
 
 log = get_logger(__name__)
@@ -22,6 +23,10 @@ def create_client(name, loop, client_id, keepalive, username, password):
         try:
             from spotfi_agent.paho_transport import PahoClient
         except ImportError as error:
+            if MICROPYTHON:
+                raise TransportError("transport 'paho' runs on CPython only; set `uci set "
+                                     "spotfi.main.transport=native` or install the spotfi-agent "
+                                     "package instead of spotfi-agent-mpy")
             raise TransportError("transport 'paho' needs paho-mqtt (%s); install python3-paho-mqtt "
                                  "or set `uci set spotfi.main.transport=native`" % error)
         return PahoClient(loop, client_id, keepalive, username, password)
