@@ -1,7 +1,7 @@
 """The agent's own MQTT client against a real mosquitto, and against scripted faults.
 
-`silent_broker` is a loopback TCP server that answers CONNECT and then says
-nothing more; it injects the dead-peer fault a real broker cannot be made to
+`silent_broker` is a loopback TCP server that sends CONNACK and then nothing
+more. It injects the dead-peer fault that a real broker cannot be made to
 show on demand.
 """
 
@@ -134,7 +134,7 @@ def test_client_reports_refused_connection():
 
 @pytest.fixture
 def silent_broker():
-    """Accept one client, send CONNACK one byte at a time, then never answer again."""
+    """Accept one client, send CONNACK one byte at a time, then send nothing more."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(1)
