@@ -426,9 +426,12 @@ def test_ipk_gzip_headers_fixed(ipk):
         assert blob[4:8] == b"\0\0\0\0", "gzip header has an mtime"
 
 
-def test_cpython_ipk_contains_every_module(cpython_ipk):
-    modules = build_ipk.module_paths(ROOT)
+def test_cpython_ipk_contains_every_module(cpython_ipk, feed_meta):
+    modules = build_ipk.cpython_module_paths(ROOT, feed_meta)
     assert "spotfi_agent/__init__.py" in modules
+    for module in feed_meta["mpy_only_modules"]:
+        assert module not in modules
+        assert "./%s/%s" % (SITE_PACKAGES, module) not in cpython_ipk.data_members
     for module in modules:
         name = "./%s/%s" % (SITE_PACKAGES, module)
         with open(os.path.join(ROOT, "agent", module), "rb") as handle:

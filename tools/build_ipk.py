@@ -185,7 +185,7 @@ def read_feed_makefile(path, package=PACKAGE_NAME):
 
     meta = {"package": package}
     for name in ("PKG_NAME", "PKG_RELEASE", "PKG_LICENSE", "PKG_LICENSE_FILES", "PKG_MAINTAINER",
-                 "SPOTFI_CPYTHON_ONLY_MODULES"):
+                 "SPOTFI_CPYTHON_ONLY_MODULES", "SPOTFI_MPY_ONLY_MODULES"):
         if name not in variables:
             raise BuildError("%s does not set %s" % (path, name))
         meta[name] = _literal(variables[name], name, path)
@@ -202,6 +202,7 @@ def read_feed_makefile(path, package=PACKAGE_NAME):
     conflicts = _literal(fields.get("CONFLICTS", ""), "CONFLICTS", path)
     meta["conflicts"] = conflicts.split()
     meta["cpython_only_modules"] = meta["SPOTFI_CPYTHON_ONLY_MODULES"].split()
+    meta["mpy_only_modules"] = meta["SPOTFI_MPY_ONLY_MODULES"].split()
 
     description = defines.get(package_define + "/description", [])
     meta["description"] = [line.strip() for line in description if line.strip()]
@@ -244,6 +245,20 @@ def module_paths(root):
             if name.endswith(".py"):
                 modules.append(os.path.relpath(os.path.join(directory, name), base))
     return sorted(path.replace(os.sep, "/") for path in modules)
+
+
+def _excluding(root, excluded, variable):
+    modules = module_paths(root)
+    unknown = [name for name in excluded if name not in modules]
+    if unknown:
+        raise BuildError("%s in the feed Makefile names %s, which agent/ does not have; "
+                         "remove it there" % (variable, ", ".join(unknown)))
+    return [name for name in modules if name not in excluded]
+
+
+def cpython_module_paths(root, meta):
+    """Return the modules that spotfi-agent ships: all but the MicroPython-only ones."""
+    return _excluding(root, meta["mpy_only_modules"], "SPOTFI_MPY_ONLY_MODULES")
 
 
 def micropython_module_paths(root, meta):
@@ -321,7 +336,7 @@ def _module_entries(root, meta, python_version, mpy_cross, module_format):
     entries = {}
     if meta["package"] == PACKAGE_NAME:
         site_packages = "usr/lib/python%s/site-packages" % python_version
-        for module in module_paths(root):
+        for module in cpython_module_paths(root, meta):
             target = "%s/%s" % (site_packages, module)
             entries[target] = Entry(target, DATA_MODE,
                                     read_file(os.path.join(root, "agent", module)))
