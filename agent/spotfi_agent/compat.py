@@ -103,3 +103,32 @@ def is_file(path):
     except OSError:
         return False
     return mode & 0o170000 == 0o100000
+
+
+DEFAULT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def is_executable(path):
+    """Return True for a regular file with an execute bit set."""
+    import os
+    try:
+        mode = os.stat(path)[0]
+    except OSError:
+        return False
+    return mode & 0o170000 == 0o100000 and mode & 0o111 != 0
+
+
+def find_executable(command):
+    """Return the path of `command` (a name looked up on PATH, or a path), or None."""
+    import os
+    if "/" in command:
+        return command if is_executable(command) else None
+    for directory in (os.getenv("PATH") or DEFAULT_PATH).split(":"):
+        # An empty PATH entry means the working directory, which is never
+        # where the agent should find a command.
+        if not directory:
+            continue
+        candidate = path_join(directory, command)
+        if is_executable(candidate):
+            return candidate
+    return None

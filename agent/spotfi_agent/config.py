@@ -18,7 +18,7 @@ directory tree in tests), see system_path() and Paths.
 import os
 
 from spotfi_agent import envfile, uci
-from spotfi_agent.compat import MICROPYTHON, is_file
+from spotfi_agent.compat import MICROPYTHON, is_executable, is_file
 from spotfi_agent.log import get_logger
 
 log = get_logger(__name__)
@@ -385,16 +385,6 @@ def _convert_command(option, text, source):
     return text
 
 
-def _is_executable_file(path):
-    if not is_file(path):
-        return False
-    try:
-        mode = os.stat(path)[0]
-    except OSError:
-        return False
-    return mode & 0o111 != 0
-
-
 def _default_shell(paths):
     if is_file(paths.system("/bin/ash")):
         return "/bin/ash"
@@ -462,7 +452,7 @@ def _check_shell(settings):
         return
     # The shell runs on this machine whatever --root says, so the real path is checked.
     path = settings.tunnel_shell
-    if not _is_executable_file(path):
+    if not is_executable(path):
         log.warning("tunnel_shell '%s' from %s: %s is not an executable file, so terminal "
                     "sessions will fail to start; set tunnel_shell to an installed shell",
                     settings.tunnel_shell, settings.sources["tunnel_shell"], path)

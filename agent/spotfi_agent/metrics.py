@@ -8,36 +8,14 @@ hung ubus never delays the MQTT connection.
 """
 
 import json
-import os
 
 from spotfi_agent import procrun
-from spotfi_agent.compat import read_text
+from spotfi_agent.compat import find_executable, read_text
 from spotfi_agent.log import get_logger
 
 log = get_logger(__name__)
 
 COLLECTOR_TIMEOUT = 5.0
-
-
-def find_executable(name, path_variable=None):
-    """Return the path of `name` searched on PATH (or `name` itself if it has a slash), or None."""
-    if "/" in name:
-        return name if _is_executable(name) else None
-    search = path_variable if path_variable is not None else os.getenv("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-    for folder in search.split(":"):
-        if folder:
-            candidate = folder.rstrip("/") + "/" + name
-            if _is_executable(candidate):
-                return candidate
-    return None
-
-
-def _is_executable(path):
-    try:
-        mode = os.stat(path)[0]
-    except OSError:
-        return False
-    return mode & 0o170000 == 0o100000 and mode & 0o111 != 0
 
 
 def read_proc(proc_dir):

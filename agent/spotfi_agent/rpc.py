@@ -12,7 +12,7 @@ import os
 import time
 
 from spotfi_agent import procrun
-from spotfi_agent.compat import is_file, path_join
+from spotfi_agent.compat import DEFAULT_PATH, find_executable
 from spotfi_agent.handlers import RESERVED_PATH, HandlerArgumentError, HandlerRegistry
 from spotfi_agent.log import get_logger
 
@@ -25,7 +25,6 @@ OUTPUT_CAP = procrun.DEFAULT_OUTPUT_CAP
 # An id is looked for only this far into a payload that cannot be parsed.
 ID_SCAN_LIMIT = 1024
 LOG_PREFIX_LENGTH = 40
-DEFAULT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 AGENT_METHODS = ("ping", "info", "handlers")
 
@@ -460,31 +459,6 @@ def ubus_argv(ubus, path, method, args, timeout):
     if seconds < timeout:
         seconds += 1
     return [ubus, "-t", str(max(1, seconds)), "call", path, method, json.dumps(args)]
-
-
-def find_executable(command):
-    """Return the path of `command` (a name looked up on PATH, or a path), or None."""
-    if "/" in command:
-        return command if _is_executable(command) else None
-    for directory in (os.getenv("PATH") or DEFAULT_PATH).split(":"):
-        # An empty PATH entry means the working directory, which is never
-        # where the agent should find ubus.
-        if not directory:
-            continue
-        candidate = path_join(directory, command)
-        if _is_executable(candidate):
-            return candidate
-    return None
-
-
-def _is_executable(path):
-    if not is_file(path):
-        return False
-    try:
-        mode = os.stat(path)[0]
-    except OSError:
-        return False
-    return mode & 0o111 != 0
 
 
 def _describe_failure(call, status):

@@ -6,7 +6,6 @@ RSS on CPython 3.11 (see docs/benchmarks.md) and is CPython only.
 """
 
 from spotfi_agent.compat import MICROPYTHON
-from spotfi_agent.compat import MICROPYTHON
 from spotfi_agent.log import get_logger
 
 log = get_logger(__name__)
