@@ -100,7 +100,12 @@ class PahoClient:
         self._fd = sock.fileno()
         self.loop.add_reader(self._fd, self._on_readable)
         self._update_writer()
-        self._timer = self.loop.call_later(1.0, self._misc)
+        self._timer = self.loop.call_later(self._misc_interval(), self._misc)
+
+    def _misc_interval(self):
+        # loop_misc sends keepalive pings and notices a silent broker; a
+        # quarter of the keepalive is often enough and keeps idle CPU low.
+        return max(1.0, min(5.0, self.keepalive / 4.0))
 
     def _update_writer(self):
         if self._paho is None or self._fd is None:
@@ -119,7 +124,7 @@ class PahoClient:
     def _misc(self):
         if self._paho is None:
             return
-        self._timer = self.loop.call_later(1.0, self._misc)
+        self._timer = self.loop.call_later(self._misc_interval(), self._misc)
         self._check(self._paho.loop_misc())
 
     def _check(self, code):
