@@ -30,6 +30,7 @@ class Agent:
         self.topics = Topics(self.router_id)
         self.started_at = time.time()
         self.exit_status = 0
+        self._stopping = False
 
         self.client = transport.create_client(
             settings.transport, self.loop, "router-" + self.router_id, settings.keepalive,
@@ -130,7 +131,7 @@ class Agent:
 
     def stop(self, reason="signal"):
         """Close terminals, publish OFFLINE, disconnect; the loop ends when done."""
-        if getattr(self, "_stopping", False):
+        if self._stopping:
             return
         self._stopping = True
         log.info("router %s: stopping (%s)", self.router_id, reason)

@@ -13,7 +13,7 @@ starts a comment. Statements that cannot be read are logged and skipped, so
 one bad line does not hide the rest of the file.
 """
 
-from spotfi_agent.compat import is_file, read_text
+from spotfi_agent.compat import is_executable, is_file, read_text
 from spotfi_agent.log import get_logger
 
 log = get_logger(__name__)
@@ -254,22 +254,18 @@ def parse_show(text, package):
 
 
 def find_command(name, search_path):
-    """Return the path of executable `name` in the ":"-separated `search_path`, or None."""
-    import os
+    """Return the path of executable `name` in the ":"-separated `search_path`, or None.
 
+    Unlike compat.find_executable, an unset or empty `search_path` finds
+    nothing: the caller passes the environment it was given, not this process's.
+    """
     if not search_path:
         return None
     for directory in search_path.split(":"):
         if not directory:
             continue
         candidate = directory.rstrip("/") + "/" + name
-        if not is_file(candidate):
-            continue
-        try:
-            mode = os.stat(candidate)[0]
-        except OSError:
-            continue
-        if mode & 0o111:
+        if is_executable(candidate):
             return candidate
     return None
 
