@@ -63,7 +63,7 @@ class Observer:
         connected = threading.Event()
         self.client.on_connect = lambda *args: connected.set()
         self.client.connect("127.0.0.1", port, 60)
-        # paho leaves Nagle's algorithm on, which holds each request behind the
+        # paho leaves Nagle's algorithm on, which delays each request behind the
         # delayed ACK of the previous reply and measures 40 ms of TCP, not the agent.
         self.client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.client.loop_start()

@@ -450,7 +450,7 @@ def _check_shell(settings):
     """
     if not settings.tunnel or settings.sources["tunnel_shell"] == "default":
         return
-    # The shell runs on this machine whatever --root says, so the real path is checked.
+    # The shell runs on this machine whatever the --root option is, so the real path is checked.
     path = settings.tunnel_shell
     if not is_executable(path):
         log.warning("tunnel_shell '%s' from %s: %s is not an executable file, so terminal "

@@ -186,9 +186,10 @@ class MqttClient:
         # the handshake and returns None until the handshake is done. The
         # client then mostly waits for the server, so the socket is polled for
         # reading, and the first write that returns a count ends the handshake.
-        # NOTE: a handshake that waits for a full send buffer instead is only
-        # retried when the server sends something, or fails at the connect
-        # timeout; the client's few KB of handshake fit an empty buffer.
+        # NOTE: a handshake that waits for a full send buffer is retried only
+        # when the server sends something, else it fails at the connect
+        # timeout. This is unlikely, because the client's few KB of handshake
+        # fit an empty buffer.
         self.loop.remove_reader(self._fd)
         try:
             sent = self._sock.write(self._out)
