@@ -23,7 +23,7 @@ from test_agent_tls import tls_broker, tls_router
 
 AGENT_DIR = os.path.join(ROOT, "agent")
 MPY_TESTS_DIR = os.path.join(ROOT, "tests", "micropython")
-UNIT_MODULES = ["test_mpy_codec", "test_mpy_settings", "test_mpy_runtime"]
+UNIT_MODULES = ["test_mpy_codec", "test_mpy_jsoncodec", "test_mpy_settings", "test_mpy_runtime"]
 # Enough for a 300 KB MQTT message and its copies; the default heap (2 MB
 # on 64-bit) is too fragmented for it.
 LARGE_HEAP = "4M"

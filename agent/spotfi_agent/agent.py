@@ -1,12 +1,12 @@
 """The running agent: wires the session, metrics, RPC and terminal onto one loop."""
 
-import json
 import os
 import time
 
 from spotfi_agent import __version__
+from spotfi_agent import jsoncodec
 from spotfi_agent import transport
-from spotfi_agent.compat import MICROPYTHON, path_join
+from spotfi_agent.compat import MICROPYTHON, path_join, signal
 from spotfi_agent.log import get_logger
 from spotfi_agent.loop import Loop
 from spotfi_agent.metrics import MetricsCollector
@@ -114,7 +114,7 @@ class Agent:
 
     def _publish_metrics(self, payload):
         if self.session.online:
-            self.client.publish(self.topics.metrics, json.dumps(payload), 0, False)
+            self.client.publish(self.topics.metrics, jsoncodec.dumps(payload), 0, False)
 
     def _metrics_tick(self):
         # The timer runs whether or not a connection is up, so heartbeats keep
@@ -162,9 +162,7 @@ class Agent:
 
 def _install_signal_handlers(agent):
     """Stop the agent on SIGTERM and SIGINT, waking the loop through a pipe."""
-    try:
-        import signal
-    except ImportError:
+    if signal is None:
         # NOTE: MicroPython's unix port has no signal module, so SIGTERM (as
         # procd sends it) ends the agent at once by its default action. The
         # kernel then closes the socket and the broker publishes the Last Will

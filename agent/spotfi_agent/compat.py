@@ -19,6 +19,16 @@ except AttributeError:  # MicroPython: ticks wrap, so fold them into a growing t
         _ticks_last[0] = now
         return _ticks_last[1] / 1000.0
 
+try:
+    # CPython's C module without signal.py's enums, which cost about 0.8 MB of
+    # RSS with enum itself; it has every function and number the agent uses.
+    import _signal as signal
+except ImportError:
+    try:
+        import signal
+    except ImportError:  # MicroPython's unix port
+        signal = None
+
 
 class GetenvMapping:
     """The process environment read through os.getenv, with overrides set by item.

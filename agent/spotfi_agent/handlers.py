@@ -17,9 +17,9 @@ A file is loaded whole or not at all: an invalid file is logged on one line
 and skipped, and the other files still load.
 """
 
-import json
 import os
 
+from spotfi_agent import jsoncodec
 from spotfi_agent.compat import is_file, path_join
 from spotfi_agent.log import get_logger
 
@@ -346,7 +346,7 @@ def _parse_file(path, is_yaml):
             # PyYAML messages span several lines; the log line must stay one line.
             raise HandlerFileError("invalid YAML: %s" % " ".join(str(error).split()))
     try:
-        return json.loads(text)
+        return jsoncodec.loads(text)
     except ValueError as error:
         raise HandlerFileError("invalid JSON: %s" % error)
 

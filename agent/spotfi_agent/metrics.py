@@ -7,8 +7,7 @@ numbers. Collectors run as child processes on the loop with a timeout, so a
 hung ubus never delays the MQTT connection.
 """
 
-import json
-
+from spotfi_agent import jsoncodec
 from spotfi_agent import procrun
 from spotfi_agent.compat import find_executable, read_text
 from spotfi_agent.log import get_logger
@@ -197,7 +196,7 @@ def _parse_reply(result, name, router_id):
                             result.status, result.stderr.decode("utf-8", "replace").strip()[:200])))
         return None
     try:
-        return json.loads(result.stdout.decode("utf-8"))
+        return jsoncodec.loads(result.stdout.decode("utf-8"))
     except ValueError:
         log.warning("router %s: `ubus call %s` printed invalid JSON", router_id, name)
         return None

@@ -7,11 +7,7 @@ kills everything it started.
 
 import os
 
-try:
-    import signal
-except ImportError:  # MicroPython's unix port has no signal module.
-    signal = None
-
+from spotfi_agent.compat import signal
 from spotfi_agent.log import get_logger
 
 log = get_logger(__name__)

@@ -24,9 +24,9 @@ from a factory MAC by setting that bit (macaddr_setbit_la in ath79's
 02_network), and the file is written at first boot and kept.
 """
 
-import json
 import os
 
+from spotfi_agent import jsoncodec
 from spotfi_agent.compat import path_join, read_text
 from spotfi_agent.config import BOARD_JSON, SYS_CLASS_NET, invalid_setting, missing_setting, \
     system_path
@@ -84,7 +84,7 @@ def _board_macs(root):
     if text is None:
         return []
     try:
-        board = json.loads(text)
+        board = jsoncodec.loads(text)
     except ValueError as error:
         log.warning("%s is not valid JSON (%s), its MACs are not used", BOARD_JSON, error)
         return []

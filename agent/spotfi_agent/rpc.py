@@ -7,10 +7,10 @@ request whose id can be read gets exactly one result; the wire format is
 described in docs/protocol.md.
 """
 
-import json
 import os
 import time
 
+from spotfi_agent import jsoncodec
 from spotfi_agent import procrun
 from spotfi_agent.compat import DEFAULT_PATH, find_executable
 from spotfi_agent.handlers import RESERVED_PATH, HandlerArgumentError, HandlerRegistry
@@ -127,7 +127,7 @@ class RpcDispatcher:
                          % (len(payload), MAX_PAYLOAD))
             return
         try:
-            message = json.loads(payload.decode("utf-8"))
+            message = jsoncodec.loads(payload.decode("utf-8"))
         except (UnicodeError, ValueError) as error:
             self._reject(payload, "payload is not valid JSON: %s" % error)
             return
@@ -332,7 +332,7 @@ class RpcDispatcher:
         self._publish(request_id, topic, response)
 
     def _publish(self, request_id, topic, response):
-        if not self.context.publish(topic, json.dumps(response), qos=1, retain=False):
+        if not self.context.publish(topic, jsoncodec.dumps(response), qos=1, retain=False):
             log.warning("router %s: rpc %s: the result could not be queued for %s and is lost",
                         self.router_id, request_id, topic)
 
@@ -458,7 +458,7 @@ def ubus_argv(ubus, path, method, args, timeout):
     seconds = int(timeout)
     if seconds < timeout:
         seconds += 1
-    return [ubus, "-t", str(max(1, seconds)), "call", path, method, json.dumps(args)]
+    return [ubus, "-t", str(max(1, seconds)), "call", path, method, jsoncodec.dumps(args)]
 
 
 def _describe_failure(call, status):
@@ -479,7 +479,7 @@ def _parse_output(data):
     if not text.strip():
         return None
     try:
-        return json.loads(text)
+        return jsoncodec.loads(text)
     except ValueError:
         return text
 
@@ -509,7 +509,7 @@ def _type_name(value):
 
 
 def _short_repr(value):
-    text = json.dumps(value) if not isinstance(value, (dict, list)) else _type_name(value)
+    text = jsoncodec.dumps(value) if not isinstance(value, (dict, list)) else _type_name(value)
     if len(text) > 60:
         text = text[:57] + "..."
     return text

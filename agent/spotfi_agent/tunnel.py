@@ -10,8 +10,8 @@ the adapter in spotfi_agent.ptyspawn, so another runtime can bring its own.
 """
 
 import binascii
-import json
 
+from spotfi_agent import jsoncodec
 from spotfi_agent.compat import MICROPYTHON
 from spotfi_agent.log import get_logger
 
@@ -233,7 +233,7 @@ class TunnelManager:
     # Replies.
 
     def publish(self, topic, message):
-        self.context.publish(topic, json.dumps(message), 0, False)
+        self.context.publish(topic, jsoncodec.dumps(message), 0, False)
 
     def send_error(self, topic, session_id, code, text):
         reply = {"type": "x-error", "code": code, "error": text}
@@ -293,7 +293,7 @@ class TerminalSession:
         self._paused = False
         self._output_ended = False
         self._data_prefix = ('{"type":"x-data","sessionId":%s,"data":"'
-                             % json.dumps(session_id)).encode()
+                             % jsoncodec.dumps(session_id)).encode()
 
         # Input the PTY has not taken yet.
         self._pending_input = bytearray()
@@ -607,7 +607,7 @@ def _parse(payload):
         except UnicodeError:
             raise RequestError("invalid_request", "the message is not UTF-8 text") from None
     try:
-        message = json.loads(payload)
+        message = jsoncodec.loads(payload)
     except ValueError as error:
         raise RequestError("invalid_request", "the message is not valid JSON: %s" % error) from None
     if not isinstance(message, dict):
