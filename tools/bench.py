@@ -80,11 +80,16 @@ class Observer:
 
     def wait(self, predicate, timeout):
         deadline = time.monotonic() + timeout
+        checked = 0
         with self.condition:
             while True:
-                for entry in self.messages:
+                # Only the messages that arrived since the last pass: checking
+                # all of them on every arrival made the terminal figure
+                # quadratic in the number of chunks.
+                for entry in self.messages[checked:]:
                     if predicate(entry[1], entry[2]):
                         return entry
+                checked = len(self.messages)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise RuntimeError("bench: timed out waiting for a message")
