@@ -315,10 +315,13 @@ def package_sizes(package_bytes):
 
 
 def build_packages(output_dir):
-    """Build both packages, and spotfi-agent-mpy with its other module forms; return sizes and the shipped mpy ipk."""
+    """Build the three packages, and spotfi-agent-mpy with its other module forms; return sizes and the shipped mpy ipk."""
     mpy_cross = build_ipk.find_mpy_cross(ROOT)
+    # The module format applies to spotfi-agent-mpy only, because the others ship .py files.
     variants = [
         ("spotfi-agent (CPython, .py modules)", build_ipk.PACKAGE_NAME, "mpy", "under 60 KB"),
+        ("spotfi-agent-paho (add-on: the paho transport, .py module)", build_ipk.PAHO_PACKAGE_NAME,
+         "mpy", "needed only for transport 'paho'"),
         ("spotfi-agent-mpy (MicroPython, .mpy modules), as shipped", build_ipk.MPY_PACKAGE_NAME,
          "mpy", ""),
         ("spotfi-agent-mpy with .py modules instead, not shipped", build_ipk.MPY_PACKAGE_NAME,

@@ -1,22 +1,25 @@
 #!/usr/bin/env python3
-"""Build the two opkg packages of spotfi-agent with the Python standard library and mpy-cross.
+"""Build the three opkg packages of spotfi-agent with the Python standard library and mpy-cross.
 
 - dist/spotfi-agent_<version>-<release>_all.ipk: the agent on CPython (python3);
-- dist/spotfi-agent-mpy_<version>-<release>_all.ipk: the agent on MicroPython.
+- dist/spotfi-agent-mpy_<version>-<release>_all.ipk: the agent on MicroPython;
+- dist/spotfi-agent-paho_<version>-<release>_all.ipk: the paho-mqtt transport,
+  an add-on to spotfi-agent.
 
 Each package contains what the OpenWrt SDK builds from the feed in
 openwrt-feed/net/spotfi-agent: the same files, modes, control fields and
 maintainer scripts (tests/test_ipk.py compares the two). Its sources are:
 
 - the version: agent/spotfi_agent/__init__.py, as in the feed Makefile;
-- PKG_RELEASE, the license, maintainer, section, DEPENDS, CONFLICTS, the
-  description, the conffiles and the modules that run only on CPython: the
-  feed Makefile;
+- PKG_RELEASE, the license, maintainer, section, DEPENDS, EXTRA_DEPENDS,
+  CONFLICTS, the description, the conffiles, which files/ script is each
+  package's postinst and prerm, and the module lists: the feed Makefile;
 - the init scripts, UCI file, uci-defaults script, entry points, postinst
   and prerm: the feed's files/ directory;
 - the modules: every *.py file under agent/spotfi_agent. spotfi-agent ships
-  them as source. spotfi-agent-mpy ships them compiled to .mpy by mpy-cross,
-  without the CPython-only ones.
+  them as source, without the MicroPython-only ones and the paho transport,
+  which spotfi-agent-paho ships. spotfi-agent-mpy ships them compiled to
+  .mpy by mpy-cross, without the CPython-only ones.
 
 The build is reproducible. Every member gets the time SOURCE_DATE_EPOCH, or
 else the last commit's time, or else 0; owner root:root (0:0); a fixed mode;
@@ -44,7 +47,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FEED_PACKAGE_DIR = os.path.join("openwrt-feed", "net", "spotfi-agent")
 PACKAGE_NAME = "spotfi-agent"
 MPY_PACKAGE_NAME = "spotfi-agent-mpy"
-PACKAGE_NAMES = (PACKAGE_NAME, MPY_PACKAGE_NAME)
+PAHO_PACKAGE_NAME = "spotfi-agent-paho"
+PACKAGE_NAMES = (PACKAGE_NAME, MPY_PACKAGE_NAME, PAHO_PACKAGE_NAME)
 # SOURCE as the SDK writes it for the packages of a feed named "spotfi".
 FEED_SOURCE = "feeds/spotfi/net/spotfi-agent"
 # The python3 of OpenWrt 23.05 and 24.10; the modules go to its site-packages.
@@ -76,18 +80,27 @@ FEED_FILES = {
         ("etc/config/spotfi", "spotfi.config", 0o600),
         ("etc/uci-defaults/90-spotfi-agent-migrate", "spotfi-agent.uci-defaults", 0o755),
     ),
+    PAHO_PACKAGE_NAME: (),
 }
-EMPTY_DIRECTORIES = ("etc/spotfi/handlers.d",)
-# Both packages run the same maintainer scripts.
-CONTROL_SCRIPTS = (
-    ("postinst", "spotfi-agent.postinst"),
-    ("prerm", "spotfi-agent.prerm"),
-)
+# Directories that Package/<name>/install creates empty.
+EMPTY_DIRECTORIES = {
+    PACKAGE_NAME: ("etc/spotfi/handlers.d",),
+    MPY_PACKAGE_NAME: ("etc/spotfi/handlers.d",),
+    PAHO_PACKAGE_NAME: (),
+}
+# The maintainer scripts that the feed Makefile can set, in the order of
+# package-ipkg.mk.
+CONTROL_SCRIPT_NAMES = ("preinst", "postinst", "prerm", "postrm")
 DIRECTORY_MODE = 0o755
 DATA_MODE = 0o644
 
 _VERSION_RE = re.compile(r'^__version__ = "([^"]+)"$', re.MULTILINE)
 _ASSIGNMENT_RE = re.compile(r"^\s*([A-Za-z0-9_]+)\s*:=\s*(.*?)\s*$")
+_REFERENCE_RE = re.compile(r"\$\(([A-Za-z0-9_]+)\)")
+# Package/<name>/postinst=$(file <./files/<script>), as the feed Makefile sets
+# a maintainer script from a file.
+_SCRIPT_RE = re.compile(r"^Package/([A-Za-z0-9_.+-]+)/(%s)=\$\(file <\./files/([^)\s]+)\)\s*$"
+                        % "|".join(CONTROL_SCRIPT_NAMES))
 _MPY_CROSS_VERSION_RE = re.compile(r"mpy v(\d+)(?:\.\d+)?")
 
 
@@ -128,11 +141,26 @@ def read_version(root):
 # The feed Makefile
 
 
+def _expand(value, variables):
+    """Replace each $(NAME) in `value` whose NAME is in `variables` by its value.
+
+    Other references, such as $(shell ...) or a variable that is not set, stay
+    as they are, so `_literal` rejects them where build_ipk.py needs a value.
+    """
+    return _REFERENCE_RE.sub(lambda match: variables.get(match.group(1), match.group(0)), value)
+
+
 def _split_makefile(text):
-    """Return (top-level := assignments, {define name: body lines}) of a Makefile."""
+    """Return the top-level := assignments, {define name: body lines} and the maintainer scripts of a Makefile.
+
+    An assignment's value has the references to variables set before it
+    expanded, as make expands a := assignment. The scripts are
+    {(package, script name): file name in files/}.
+    """
     text = re.sub(r"\\\n\s*", " ", text)
     variables = {}
     defines = {}
+    scripts = {}
     current = None
     for line in text.split("\n"):
         stripped = line.strip()
@@ -146,16 +174,23 @@ def _split_makefile(text):
             current = stripped[len("define "):].strip()
             defines[current] = []
             continue
+        if stripped.startswith("#"):
+            continue
         match = _ASSIGNMENT_RE.match(line)
-        if match and not stripped.startswith("#"):
-            variables[match.group(1)] = match.group(2)
-    return variables, defines
+        if match:
+            variables[match.group(1)] = _expand(match.group(2), variables)
+            continue
+        match = _SCRIPT_RE.match(stripped)
+        if match:
+            scripts[(match.group(1), match.group(2))] = match.group(3)
+    return variables, defines, scripts
 
 
 def _literal(value, name, path):
     if "$" in value:
-        raise BuildError("%s in %s refers to a make variable (%r); build_ipk.py reads only "
-                         "literal values there" % (name, path, value))
+        raise BuildError("%s in %s has a make reference that build_ipk.py cannot expand (%r); "
+                         "it expands only $(NAME) of variables set with := and PKG_VERSION, "
+                         "so use one of those or a literal value" % (name, path, value))
     return value
 
 
@@ -172,7 +207,12 @@ def _package_list(value, name, path):
 
 def read_feed_makefile(path, package=PACKAGE_NAME):
     """Return the metadata that the feed Makefile sets for `package`, as a dict."""
-    variables, defines = _split_makefile(read_file(path).decode("utf-8"))
+    variables, defines, scripts = _split_makefile(read_file(path).decode("utf-8"))
+    # The Makefile reads PKG_VERSION with $(shell sed ...) from the checkout
+    # three directories up (SPOTFI_SOURCE_DIR), so read the same file here.
+    source_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(path)))))
+    variables["PKG_VERSION"] = read_version(source_dir)
     package_define = "Package/%s" % package
     if package_define not in defines:
         raise BuildError("%s has no `define %s`" % (path, package_define))
@@ -181,11 +221,13 @@ def read_feed_makefile(path, package=PACKAGE_NAME):
     for line in defines[package_define]:
         match = _ASSIGNMENT_RE.match(line)
         if match:
-            fields[match.group(1)] = match.group(2)
+            # BuildPackage evaluates the definition after the whole Makefile
+            # is read, so every top-level variable is set by then.
+            fields[match.group(1)] = _expand(match.group(2), variables)
 
     meta = {"package": package}
     for name in ("PKG_NAME", "PKG_RELEASE", "PKG_LICENSE", "PKG_LICENSE_FILES", "PKG_MAINTAINER",
-                 "SPOTFI_CPYTHON_ONLY_MODULES", "SPOTFI_MPY_ONLY_MODULES"):
+                 "SPOTFI_CPYTHON_ONLY_MODULES", "SPOTFI_MPY_ONLY_MODULES", "SPOTFI_PAHO_MODULES"):
         if name not in variables:
             raise BuildError("%s does not set %s" % (path, name))
         meta[name] = _literal(variables[name], name, path)
@@ -198,11 +240,23 @@ def read_feed_makefile(path, package=PACKAGE_NAME):
             path, meta["PKG_NAME"], PACKAGE_NAME))
 
     meta["depends"] = _package_list(meta["DEPENDS"], "DEPENDS", path)
+    # EXTRA_DEPENDS goes into the control file as written, e.g.
+    # `name (=1.0-1), other (>=2)`, so it may carry versions.
+    extra_depends = _literal(fields.get("EXTRA_DEPENDS", ""), "EXTRA_DEPENDS", path)
+    meta["extra_depends"] = [item.strip() for item in extra_depends.split(",") if item.strip()]
     # CONFLICTS is a plain list of names, without the + of DEPENDS.
     conflicts = _literal(fields.get("CONFLICTS", ""), "CONFLICTS", path)
     meta["conflicts"] = conflicts.split()
     meta["cpython_only_modules"] = meta["SPOTFI_CPYTHON_ONLY_MODULES"].split()
     meta["mpy_only_modules"] = meta["SPOTFI_MPY_ONLY_MODULES"].split()
+    meta["paho_modules"] = meta["SPOTFI_PAHO_MODULES"].split()
+    for name in CONTROL_SCRIPT_NAMES:
+        if "%s/%s" % (package_define, name) in defines:
+            raise BuildError("%s sets %s/%s in a define block; build_ipk.py reads maintainer "
+                             "scripts only as `%s/%s=$(file <./files/<script>)`" % (
+                                 path, package_define, name, package_define, name))
+    meta["scripts"] = [(name, scripts[(package, name)]) for name in CONTROL_SCRIPT_NAMES
+                       if (package, name) in scripts]
 
     description = defines.get(package_define + "/description", [])
     meta["description"] = [line.strip() for line in description if line.strip()]
@@ -257,8 +311,20 @@ def _excluding(root, excluded, variable):
 
 
 def cpython_module_paths(root, meta):
-    """Return the modules that spotfi-agent ships: all but the MicroPython-only ones."""
-    return _excluding(root, meta["mpy_only_modules"], "SPOTFI_MPY_ONLY_MODULES")
+    """Return the modules that spotfi-agent ships: all but the MicroPython-only ones and the paho transport."""
+    modules = _excluding(root, meta["mpy_only_modules"], "SPOTFI_MPY_ONLY_MODULES")
+    paho_modules = paho_module_paths(root, meta)
+    return [name for name in modules if name not in paho_modules]
+
+
+def paho_module_paths(root, meta):
+    """Return the modules that spotfi-agent-paho ships: SPOTFI_PAHO_MODULES."""
+    modules = module_paths(root)
+    unknown = [name for name in meta["paho_modules"] if name not in modules]
+    if unknown:
+        raise BuildError("SPOTFI_PAHO_MODULES in the feed Makefile names %s, which agent/ "
+                         "does not have; remove it there" % ", ".join(unknown))
+    return [name for name in modules if name in meta["paho_modules"]]
 
 
 def micropython_module_paths(root, meta):
@@ -334,9 +400,13 @@ def compile_mpy(mpy_cross, root, module, work_dir):
 def _module_entries(root, meta, python_version, mpy_cross, module_format):
     """Return {path in the package: Entry} for the agent's modules."""
     entries = {}
-    if meta["package"] == PACKAGE_NAME:
+    if meta["package"] in (PACKAGE_NAME, PAHO_PACKAGE_NAME):
         site_packages = "usr/lib/python%s/site-packages" % python_version
-        for module in cpython_module_paths(root, meta):
+        if meta["package"] == PACKAGE_NAME:
+            modules = cpython_module_paths(root, meta)
+        else:
+            modules = paho_module_paths(root, meta)
+        for module in modules:
             target = "%s/%s" % (site_packages, module)
             entries[target] = Entry(target, DATA_MODE,
                                     read_file(os.path.join(root, "agent", module)))
@@ -376,8 +446,9 @@ def data_entries(root, meta, python_version, mpy_cross=None, module_format="mpy"
         target = "lib/upgrade/keep.d/%s" % meta["package"]
         entries[target] = Entry(target, DATA_MODE, "".join(path + "\n" for path in keep).encode())
 
-    directories = set(EMPTY_DIRECTORIES)
-    for path in list(entries) + list(EMPTY_DIRECTORIES):
+    empty_directories = EMPTY_DIRECTORIES[meta["package"]]
+    directories = set(empty_directories)
+    for path in list(entries) + list(empty_directories):
         parent = path.rsplit("/", 1)[0] if "/" in path else ""
         while parent:
             directories.add(parent)
@@ -442,8 +513,10 @@ def gzip_bytes(data):
 
 def control_text(meta, version, installed_size):
     """Return the control file, with the fields and order of OpenWrt's package-ipkg.mk."""
-    # The SDK puts libc in front of every package's dependencies.
-    depends = ["libc"] + [name for name in meta["depends"] if name != "libc"]
+    # The SDK puts libc in front of every package's dependencies, and
+    # EXTRA_DEPENDS in front of those.
+    depends = meta["extra_depends"] + ["libc"] + [name for name in meta["depends"]
+                                                  if name != "libc"]
     lines = [
         "Package: %s" % meta["package"],
         "Version: %s" % version,
@@ -465,7 +538,7 @@ def control_text(meta, version, installed_size):
     return "\n".join(lines) + "\n"
 
 
-def control_entries(root, control, conffiles):
+def control_entries(root, meta, control, conffiles):
     files_dir = os.path.join(root, FEED_PACKAGE_DIR, "files")
     entries = [
         Entry(".", DIRECTORY_MODE),
@@ -474,7 +547,7 @@ def control_entries(root, control, conffiles):
     if conffiles:
         entries.append(Entry("conffiles", DATA_MODE,
                              "".join(path + "\n" for path in conffiles).encode()))
-    for name, source in CONTROL_SCRIPTS:
+    for name, source in meta["scripts"]:
         entries.append(Entry(name, 0o755, read_file(os.path.join(files_dir, source))))
     return entries
 
@@ -505,7 +578,8 @@ def build_ipk(root=ROOT, output_dir=None, python_version=DEFAULT_PYTHON_VERSION,
     """Build one package; return (path of the .ipk, its bytes).
 
     spotfi-agent-mpy needs `mpy_cross` (default: find_mpy_cross()) unless
-    `module_format` is "py". `module_format` applies to spotfi-agent-mpy only.
+    `module_format` is "py". `module_format` applies to spotfi-agent-mpy only;
+    the other two packages ship .py files.
     """
     if package not in PACKAGE_NAMES:
         raise BuildError("unknown package %r; build one of: %s" % (package, ", ".join(PACKAGE_NAMES)))
@@ -528,7 +602,7 @@ def build_ipk(root=ROOT, output_dir=None, python_version=DEFAULT_PYTHON_VERSION,
     # ipkg-build sets Installed-Size to the size of the uncompressed data.tar.
     control = control_text(meta, version, len(data_tar))
     conffiles = resolved_conffiles(meta, entries)
-    control_tar = tar_bytes(control_entries(root, control, conffiles), epoch)
+    control_tar = tar_bytes(control_entries(root, meta, control, conffiles), epoch)
     package_bytes = ipk_bytes(data_tar, control_tar, epoch)
 
     output_dir = output_dir or os.path.join(root, "dist")
@@ -548,8 +622,9 @@ def main(argv=None):
                         help="build only this package; repeat for several (default: all)")
     parser.add_argument("--python-version", default=DEFAULT_PYTHON_VERSION,
                         help="python3 minor version of the target OpenWrt, whose "
-                             "site-packages gets spotfi-agent's modules (default: "
-                             "%(default)s, OpenWrt 23.05 and 24.10)")
+                             "site-packages gets the modules of spotfi-agent and "
+                             "spotfi-agent-paho (default: %(default)s, OpenWrt 23.05 "
+                             "and 24.10)")
     parser.add_argument("--mpy-cross", help="mpy-cross that compiles spotfi-agent-mpy's "
                                             "modules (default: $MPY_CROSS, else .venv's, "
                                             "else PATH's)")

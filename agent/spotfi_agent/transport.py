@@ -24,10 +24,13 @@ def create_client(name, loop, client_id, keepalive, username, password):
         except ImportError as error:
             if MICROPYTHON:
                 raise TransportError("transport 'paho' runs on CPython only; set `uci set "
-                                     "spotfi.main.transport=native` or install the spotfi-agent "
-                                     "package instead of spotfi-agent-mpy")
-            raise TransportError("transport 'paho' needs paho-mqtt (%s); install python3-paho-mqtt "
-                                 "or set `uci set spotfi.main.transport=native`" % error)
+                                     "spotfi.main.transport=native` or install the packages "
+                                     "spotfi-agent and spotfi-agent-paho instead of "
+                                     "spotfi-agent-mpy")
+            raise TransportError("transport 'paho' cannot be loaded (%s); install it with `opkg "
+                                 "install spotfi-agent-paho`, which also installs "
+                                 "python3-paho-mqtt, or set `uci set "
+                                 "spotfi.main.transport=native`" % error)
         return PahoClient(loop, client_id, keepalive, username, password)
     if name != "native":
         raise TransportError("unknown transport %r; use one of: %s" % (name, ", ".join(TRANSPORTS)))
