@@ -223,10 +223,11 @@ def test_agent_tls_with_client_certificate(micropython, tmp_path, pki):
         broker.stop()
 
 
-def _rpc(observer, router, request_id, path, method, args=None):
-    observer.publish("spotfi/router/%s/rpc/request" % router.router_id,
-                     json.dumps({"id": request_id, "path": path, "method": method,
-                                 "args": args or {}}))
+def _rpc(observer, router, request_id, path, method, args=None, timeout=None):
+    request = {"id": request_id, "path": path, "method": method, "args": args or {}}
+    if timeout is not None:
+        request["timeout"] = timeout
+    observer.publish("spotfi/router/%s/rpc/request" % router.router_id, json.dumps(request))
     payload, retain = observer.wait_for(
         "spotfi/router/%s/rpc/response" % router.router_id,
         lambda payload: json.loads(payload)["id"] == request_id, timeout=10)
@@ -239,6 +240,13 @@ def test_agent_runs_under_micropython(micropython, mosquitto, tmp_path):
     observer = MqttObserver(mosquitto.port, [prefix + "#"])
     router = HostRouter(tmp_path, router_id, [mosquitto.port], interpreter=[micropython],
                         options={"metrics_interval": "5"})
+    router.add_handler_file("uname.json", {"handlers": [
+        {"path": "ops", "method": "uname", "command": ["uname", "{args.flag}"], "timeout": 5}]})
+    # A job file as an agent stopped two hours ago would have left it.
+    stale = "/tmp/spotfi-agent-job-stale%d.out" % os.getpid()
+    with open(stale, "w") as handle:
+        handle.write("left behind")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
     try:
         started = time.monotonic()
         router.start()
@@ -253,7 +261,9 @@ def test_agent_runs_under_micropython(micropython, mosquitto, tmp_path):
         for key in ("totalMemory", "freeMemory", "activeUsers"):
             assert isinstance(figures[key], int) and not isinstance(figures[key], bool), key
         assert figures["totalMemory"] > 0
-        assert figures["source"] == "proc"
+        # Collected through the ubus test double, started as a shell job.
+        assert figures["source"] == "ubus"
+        assert figures["uptime"] == "86400"
 
         pong = _rpc(observer, router, "ping-1", "spotfi.agent", "ping")
         assert pong["status"] == "success"
@@ -263,11 +273,21 @@ def test_agent_runs_under_micropython(micropython, mosquitto, tmp_path):
         assert info["result"]["runtime"] == "micropython"
         assert info["result"]["routerId"] == router_id
 
-        # Without ffi no process can start: ubus calls get a clear error.
         board = _rpc(observer, router, "board-1", "system", "board")
-        assert board["status"] == "error"
-        assert board["code"] == "failed"
-        assert "no ffi module" in board["error"]
+        assert board["status"] == "success"
+        assert board["result"]["board_name"]
+        echo = _rpc(observer, router, "echo-1", "test", "echo", {"text": "it's $HOME `id`"})
+        assert echo["status"] == "success"
+        assert echo["result"] == {"text": "it's $HOME `id`"}
+        failed = _rpc(observer, router, "fail-1", "test", "fail")
+        assert failed["status"] == "error"
+        assert "Not found" in failed["stderr"]
+        slow = _rpc(observer, router, "slow-1", "test", "sleep", {"seconds": 20}, timeout=1)
+        assert slow["status"] == "error"
+        assert slow["code"] == "timeout"
+        uname = _rpc(observer, router, "uname-1", "ops", "uname", {"flag": "-s"})
+        assert uname["status"] == "success"
+        assert "Linux" in json.dumps(uname["result"])
 
         observer.publish(prefix + "x/in", json.dumps({"type": "x-start", "sessionId": "s1"}), 0)
         payload, retain = observer.wait_for(
@@ -275,6 +295,10 @@ def test_agent_runs_under_micropython(micropython, mosquitto, tmp_path):
         error = json.loads(payload)
         assert error["code"] == "spawn_failed"
         assert "no ffi module" in error["error"]
+        assert not os.path.exists(stale)
+        # Metrics start a job every 5 s, so wait for a moment with none running.
+        wait_until(lambda: not glob.glob("/tmp/spotfi-agent-job-*"), 10, interval=0.05,
+                   message="no shell job files left in /tmp")
 
         log = router.log_text()
         assert "Traceback" not in log, log
