@@ -1,6 +1,6 @@
 """`make bench`: the agent's memory, start-up, RPC latency and terminal throughput.
 
-It also builds both packages (sizes), and runs the MicroPython package's
+It also builds the three packages (sizes), and runs the MicroPython package's
 agent under the venv's micropython.
 
 Every figure comes from one run on this machine against a local mosquitto,
