@@ -31,6 +31,7 @@ import pytest
 
 import build_ipk
 import localservices
+import stripsource
 from harness import MqttObserver
 from test_ucidefaults import install_test_doubles, read_calls
 
@@ -282,9 +283,12 @@ def feed_build(tmp_path_factory):
 
     def make(target):
         command = "umask 022 && exec make -s -C \"$0\" TOPDIR=\"$1\" DESTDIR=\"$2\" " \
-                  "SCRIPTS_DIR=\"$3\" CONFIG_PACKAGE_spotfi-agent-mpy=y %s" % target
+                  "SCRIPTS_DIR=\"$3\" SPOTFI_HOST_PYTHON3=\"$4\" " \
+                  "CONFIG_PACKAGE_spotfi-agent=y CONFIG_PACKAGE_spotfi-agent-mpy=y " \
+                  "CONFIG_PACKAGE_spotfi-agent-paho=y %s" % target
         return subprocess.run(["sh", "-c", command, FEED_PACKAGE_DIR, str(topdir), str(destdir),
-                               str(scripts_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               str(scripts_dir), sys.executable],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               universal_newlines=True, timeout=300)
 
     builds = {}
@@ -472,6 +476,12 @@ def test_ipk_gzip_headers_fixed(ipk):
         assert blob[4:8] == b"\0\0\0\0", "gzip header has an mtime"
 
 
+def stripped_source(module):
+    """Return the bytes of agent/<module> as stripsource.strip() writes them."""
+    with open(os.path.join(ROOT, "agent", module), encoding="utf-8", newline="") as handle:
+        return stripsource.strip(handle.read()).encode("utf-8")
+
+
 def test_cpython_ipk_contains_every_module(cpython_ipk, cpython_meta):
     modules = build_ipk.cpython_module_paths(ROOT, cpython_meta)
     assert "spotfi_agent/__init__.py" in modules
@@ -480,8 +490,7 @@ def test_cpython_ipk_contains_every_module(cpython_ipk, cpython_meta):
         assert "./%s/%s" % (SITE_PACKAGES, module) not in cpython_ipk.data_members
     for module in modules:
         name = "./%s/%s" % (SITE_PACKAGES, module)
-        with open(os.path.join(ROOT, "agent", module), "rb") as handle:
-            assert cpython_ipk.data_file(name) == handle.read(), name
+        assert cpython_ipk.data_file(name) == stripped_source(module), name
     packaged = [name for name in cpython_ipk.data_members if name.endswith(".py")]
     assert len(packaged) == len(modules)
 
@@ -500,8 +509,8 @@ def test_paho_ipk_contains_only_paho_modules(paho_ipk, paho_meta):
 
     assert files == ["./%s/%s" % (SITE_PACKAGES, module) for module in paho_meta["paho_modules"]]
     for module in paho_meta["paho_modules"]:
-        with open(os.path.join(ROOT, "agent", module), "rb") as handle:
-            assert paho_ipk.data_file("./%s/%s" % (SITE_PACKAGES, module)) == handle.read()
+        name = "./%s/%s" % (SITE_PACKAGES, module)
+        assert paho_ipk.data_file(name) == stripped_source(module), name
         assert paho_ipk.data_members["./%s/%s" % (SITE_PACKAGES, module)][0].mode == 0o644
     for name, (member, _) in paho_ipk.data_members.items():
         if member.isdir():
@@ -518,11 +527,6 @@ def test_paho_ipk_shares_no_file_with_base(cpython_ipk, paho_ipk):
     assert base_files & addon_files == set()
 
 
-# NOTE: spotfi-agent is still over SIZE_TARGET. Moving the paho transport
-# into spotfi-agent-paho saved about 1.6 KB (measured with `make ipk`), and
-# the package needs more than that. strict=True makes this test fail once
-# the package fits, so that the marker gets removed then.
-@pytest.mark.xfail(strict=True, reason="spotfi-agent is still over build_ipk.SIZE_TARGET")
 def test_cpython_ipk_under_size_target(cpython_ipk):
     # A byte count of a reproducible build, not a timing, so it is exact.
     assert len(cpython_ipk.package) < build_ipk.SIZE_TARGET, (

@@ -18,7 +18,9 @@ maintainer scripts (tests/test_ipk.py compares the two). Its sources are:
   and prerm: the feed's files/ directory;
 - the modules: every *.py file under agent/spotfi_agent. spotfi-agent ships
   them as source, without the MicroPython-only ones and the paho transport,
-  which spotfi-agent-paho ships. spotfi-agent-mpy ships them compiled to
+  which spotfi-agent-paho ships. Both ship each module as
+  tools/stripsource.py writes it: without comments, with empty docstrings
+  and on the same lines as in git. spotfi-agent-mpy ships them compiled to
   .mpy by mpy-cross, without the CPython-only ones.
 
 The build is reproducible. Every member gets the time SOURCE_DATE_EPOCH, or
@@ -42,6 +44,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+
+import stripsource
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FEED_PACKAGE_DIR = os.path.join("openwrt-feed", "net", "spotfi-agent")
@@ -397,6 +401,17 @@ def compile_mpy(mpy_cross, root, module, work_dir):
 # Package contents
 
 
+def stripped_module(root, module):
+    """Return the bytes of `module` (e.g. spotfi_agent/cli.py) as stripsource.strip() writes them."""
+    path = os.path.join(root, "agent", module)
+    try:
+        text = read_file(path).decode("utf-8")
+        return stripsource.strip(text).encode("utf-8")
+    except (UnicodeDecodeError, stripsource.StripError) as error:
+        raise BuildError("cannot strip %s: %s; fix the module so that python3 "
+                         "compiles it" % (path, error)) from None
+
+
 def _module_entries(root, meta, python_version, mpy_cross, module_format):
     """Return {path in the package: Entry} for the agent's modules."""
     entries = {}
@@ -408,8 +423,7 @@ def _module_entries(root, meta, python_version, mpy_cross, module_format):
             modules = paho_module_paths(root, meta)
         for module in modules:
             target = "%s/%s" % (site_packages, module)
-            entries[target] = Entry(target, DATA_MODE,
-                                    read_file(os.path.join(root, "agent", module)))
+            entries[target] = Entry(target, DATA_MODE, stripped_module(root, module))
         return entries
 
     modules = micropython_module_paths(root, meta)
