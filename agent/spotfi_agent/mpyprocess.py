@@ -14,6 +14,7 @@ import binascii
 import os
 import time
 
+from spotfi_agent.compat import is_file
 from spotfi_agent.procrun import CommandResult
 
 TEMP_DIR = "/tmp"
@@ -74,14 +75,6 @@ def _read_head(path, size):
         return b""
 
 
-def _exists(path):
-    try:
-        os.stat(path)
-    except OSError:
-        return False
-    return True
-
-
 class ShellJob:
     """One command run as a background job of /bin/sh, polled on the loop."""
 
@@ -115,7 +108,7 @@ class ShellJob:
     def _poll(self):
         if self._finished:
             return
-        if _exists(self.prefix + ".status"):
+        if is_file(self.prefix + ".status"):
             self._collect()
             return
         if self._killed_at is not None:
