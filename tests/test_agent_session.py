@@ -129,6 +129,9 @@ def test_kill_gives_retained_offline(mosquitto, router_factory, transport):
 
     wait_until(lambda: fresh_status(mosquitto.port, router.router_id) == ("OFFLINE", True), 5,
                message="retained OFFLINE after kill -9")
+    # mosquitto logs MQTT 5 connections as p5; the Last Will came with the MQTT 5 CONNECT.
+    assert "as router-%s (p5," % router.router_id in mosquitto.log_tail(10 ** 8)
+    assert "with MQTT 5" in router.log_text()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -2,6 +2,8 @@
 
 import logging
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -185,6 +187,7 @@ def test_defaults(tmp_path):
     assert settings.rpc_max_concurrent == 4
     assert settings.log_level == "info"
     assert settings.transport == "native"
+    assert settings.mqtt_version == "5"
     assert settings.handlers_dir == "/etc/spotfi/handlers.d"
     assert settings.ubus == "ubus"
     assert settings.enabled is True
@@ -289,6 +292,9 @@ INVALID = [
     ("enabled", "2", "not a boolean"),
     ("log_level", "verbose", "debug, info, warning, error"),
     ("transport", "mosquitto", "native, paho"),
+    ("mqtt_version", "4", "must be one of 5, 3.1.1"),
+    ("mqtt_version", "3.1", "must be one of 5, 3.1.1"),
+    ("mqtt_version", "v5", "must be one of 5, 3.1.1"),
     ("ca_file", "/etc/ssl/missing.pem", "not found"),
     ("ca_file", "relative.pem", "not an absolute path"),
     ("handlers_dir", "handlers.d", "not an absolute path"),
@@ -325,6 +331,34 @@ def test_uci_list_for_single_option_is_error(tmp_path):
     error = config_error_of(load, root)
     assert error.setting == "keepalive"
     assert "`option keepalive`" in str(error)
+
+
+def test_mqtt_version_from_uci_and_environment(tmp_path):
+    root = make_root(tmp_path, TOKEN, "mqtt://b", "option mqtt_version '3.1.1'")
+    settings = load(root)
+    assert settings.mqtt_version == "3.1.1"
+    assert settings.sources["mqtt_version"] == "UCI /etc/config/spotfi"
+
+    settings = load(root, SPOTFI_MQTT_VERSION="5")
+    assert settings.mqtt_version == "5"
+    assert settings.sources["mqtt_version"] == "environment SPOTFI_MQTT_VERSION"
+
+
+def test_invalid_mqtt_version_exits_2(tmp_path):
+    root = make_root(tmp_path, TOKEN, "mqtt://127.0.0.1:9", "option mqtt_version '5.0'")
+    environment = {key: value for key, value in os.environ.items()
+                   if not key.startswith("SPOTFI_")}
+    environment["PYTHONPATH"] = os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "agent")
+    result = subprocess.run([sys.executable, "-m", "spotfi_agent", "--root", root, "run"],
+                            env=environment, capture_output=True, text=True, timeout=20)
+
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "invalid mqtt_version '5.0' from UCI /etc/config/spotfi: must be one of 5, 3.1.1" \
+        in lines[0]
+    assert "uci set spotfi.main.mqtt_version=<5|3.1.1>" in lines[0]
 
 
 def test_first_error_in_option_order(tmp_path):

@@ -35,6 +35,7 @@ class Agent:
         self.client = transport.create_client(
             settings.transport, self.loop, "router-" + self.router_id, settings.keepalive,
             self.router_id, settings.token)
+        self.client.mqtt_version = settings.mqtt_version
         self.session = Session(self.loop, self.client, settings.brokers, self.topics,
                                self._tls_context)
         self.session.on_online = self._on_online
@@ -64,8 +65,9 @@ class Agent:
             return absolute
         return path_join(root, absolute.lstrip("/"))
 
-    def publish(self, topic, payload, qos=0, retain=False):
-        return self.client.publish(topic, payload, qos, retain)
+    def publish(self, topic, payload, qos=0, retain=False, properties=None):
+        """Publish through the session's client; `properties` as MqttClient.publish takes them."""
+        return self.client.publish(topic, payload, qos, retain, properties)
 
     @property
     def outgoing_bytes(self):
@@ -96,7 +98,7 @@ class Agent:
     def _on_online(self):
         self.send_metrics()
 
-    def _on_message(self, topic, payload):
+    def _on_message(self, topic, payload, properties):
         if topic == self.topics.rpc_request:
             self.rpc.handle(payload)
         elif topic == self.topics.x_in:

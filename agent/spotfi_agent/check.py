@@ -28,6 +28,7 @@ def check_connection(settings, out=None, err=None):
         except (transport.TransportError, OSError, ValueError) as error:
             err.write("spotfi-agent: check failed: %s\n" % error)
             return 2
+        client.mqtt_version = settings.mqtt_version
         outcome = {}
         started = monotonic()
 
@@ -47,13 +48,15 @@ def check_connection(settings, out=None, err=None):
             loop.run_once(0.2)
         elapsed_ms = (monotonic() - started) * 1000.0
         if outcome.get("ok"):
-            out.write("OK: connected to %s as router %s in %.0f ms\n"
-                      % (broker.display, settings.router_id, elapsed_ms))
+            out.write("OK: connected to %s as router %s with MQTT %s in %.0f ms\n"
+                      % (broker.display, settings.router_id, client.protocol_version, elapsed_ms))
             return 0
         client.abort("check timed out")
         failures.append("%s: %s" % (broker.display, outcome.get("reason", "timed out")))
     hint = ""
-    if any("CONNACK code 4" in failure or "CONNACK code 5" in failure for failure in failures):
+    # MQTT 3.1.1 return codes 4 and 5, and MQTT 5 reason codes 0x86 and 0x87.
+    credential_codes = ("CONNACK code 4", "CONNACK code 5", "reason code 0x86", "reason code 0x87")
+    if any(code in failure for failure in failures for code in credential_codes):
         hint = "; check the token (option token) and the router id, which is the MQTT username"
     err.write("spotfi-agent: check failed: %s%s\n" % ("; ".join(failures), hint))
     return 1

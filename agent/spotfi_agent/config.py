@@ -107,6 +107,8 @@ OPTIONS = (
             choices=("debug", "info", "warning", "error"), placeholder="<level>"),
     _Option("transport", "choice", "native",
             choices=("native", "paho"), placeholder="<native|paho>"),
+    _Option("mqtt_version", "choice", "5",
+            choices=("5", "3.1.1"), placeholder="<5|3.1.1>"),
     _Option("handlers_dir", "directory", "/etc/spotfi/handlers.d", placeholder="<path>"),
     _Option("ubus", "command", "ubus", placeholder="<path>"),
     _Option("enabled", "bool", True, placeholder="<0|1>"),

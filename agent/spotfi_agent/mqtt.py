@@ -1,4 +1,4 @@
-"""The agent's own MQTT 3.1.1 client, driven by spotfi_agent.loop.
+"""The agent's own MQTT 5.0 and 3.1.1 client, driven by spotfi_agent.loop.
 
 It is the default transport because it costs a fraction of paho-mqtt's memory
 and start-up time (see docs/benchmarks.md), and it runs on MicroPython. It
@@ -6,10 +6,16 @@ sends keepalive pings by itself, treats a silent broker as a lost connection,
 retransmits unacknowledged QoS 1 messages after a reconnect, and never blocks
 the loop: connect, TLS handshake, reads and writes are all non-blocking.
 
+`mqtt_version` "5" (the default) connects with MQTT 5.0; a broker that
+rejects protocol version 5 is connected to again at once with MQTT 3.1.1,
+and so from then on. "3.1.1" uses MQTT 3.1.1 only.
+
 Callbacks (attributes, each optional):
     on_connect(session_present)
     on_disconnect(reason, was_connected)  - reason is a one-line message
-    on_message(topic, payload, qos, retain)
+    on_message(topic, payload, qos, retain, properties)  - properties is a
+        dict with the keys "response_topic" (str) and "correlation_data"
+        (bytes), each present only when the message carries it (MQTT 5)
 """
 
 import errno
@@ -67,6 +73,14 @@ MAX_INCOMING_PACKET = 2 * 1024 * 1024
 MAX_QUEUED_QOS1 = 200
 READ_SIZE = 65536
 
+# The MQTT 5 Receive Maximum when the broker's CONNACK does not set one, and
+# under MQTT 3.1.1, which has no such limit.
+DEFAULT_RECEIVE_MAXIMUM = 65535
+
+# Message properties passed to on_message and taken by publish(), by name.
+_MESSAGE_PROPERTIES = (("response_topic", mqttcodec.RESPONSE_TOPIC),
+                       ("correlation_data", mqttcodec.CORRELATION_DATA))
+
 
 def _host_argument(host):
     """Return host as getaddrinfo should get it.
@@ -87,10 +101,10 @@ class MqttError(Exception):
 
 
 class MqttClient:
-    """One MQTT 3.1.1 connection at a time, re-connectable with connect()."""
+    """One MQTT connection at a time, re-connectable with connect()."""
 
     def __init__(self, loop, client_id, keepalive=60, username=None, password=None, will=None,
-                 connect_timeout=10.0):
+                 connect_timeout=10.0, mqtt_version="5"):
         self.loop = loop
         self.client_id = client_id
         self.keepalive = keepalive
@@ -98,6 +112,9 @@ class MqttClient:
         self.password = password
         self.will = will
         self.connect_timeout = connect_timeout
+        self.mqtt_version = mqtt_version
+        # "5" or "3.1.1": the protocol of the connection that is up or being made.
+        self.protocol_version = None
 
         self.on_connect = None
         self.on_disconnect = None
@@ -115,13 +132,21 @@ class MqttClient:
         self._last_received = 0.0
         self._ping_sent_at = None
         self._next_packet_id = 0
+        self._level = mqttcodec.MQTT_V5
+        self._keepalive = keepalive
+        self._receive_maximum = DEFAULT_RECEIVE_MAXIMUM
+        self._maximum_packet_size = None
+        # Brokers ("host:port") that rejected protocol version 5.
+        self._mqtt311_peers = set()
 
-        # QoS 1 messages sent and not acknowledged, by packet id, in send order,
-        # then those published while no connection was up.
+        # QoS 1 messages sent and not acknowledged, by packet id, in send
+        # order, then those waiting for a connection or for the broker's
+        # Receive Maximum: (topic, payload, retain, properties, dup).
         self._inflight = {}
         self._inflight_order = []
         self._queued = []
         self._subscriptions = {}
+        self._pending_subscribes = {}
         self._closing = False
 
     @property
@@ -142,6 +167,13 @@ class MqttClient:
         if self.state != CLOSED:
             raise MqttError("connect() while %s to %s" % (self.state, self.peer))
         self.peer = "%s:%d" % (host, port)
+        self._target = (host, port, ssl_context, server_hostname)
+        if self.mqtt_version == "3.1.1" or self.peer in self._mqtt311_peers:
+            self._level = mqttcodec.MQTT_V311
+            self.protocol_version = "3.1.1"
+        else:
+            self._level = mqttcodec.MQTT_V5
+            self.protocol_version = "5"
         if ssl_context is not None:
             _load_ssl()
         self._closing = False
@@ -259,49 +291,84 @@ class MqttClient:
             topic, payload, qos, retain = self.will
             will = (topic, _to_bytes(payload), qos, retain)
         return mqttcodec.encode_connect(self.client_id, self.keepalive, self.username,
-                                        self.password, will)
+                                        self.password, will, True, self._level)
 
     def _connect_timed_out(self):
         if self.state in (CONNECTING, HANDSHAKING, AWAITING_CONNACK):
             self._fail("no CONNACK from %s within %.0f s" % (self.peer, self.connect_timeout))
 
-    def publish(self, topic, payload, qos=0, retain=False):
+    def publish(self, topic, payload, qos=0, retain=False, properties=None):
         """Send a message; return False when a QoS 0 message was dropped.
 
-        QoS 1 messages published while no connection is up are queued (up to
-        MAX_QUEUED_QOS1, oldest dropped first) and sent after the next CONNACK.
+        QoS 1 messages published while no connection is up, or while the
+        broker's Receive Maximum of them await PUBACK, are queued (up to
+        MAX_QUEUED_QOS1, oldest dropped first) and sent when that changes.
+        `properties` takes the keys of on_message's; MQTT 3.1.1 connections
+        send none.
         """
         payload = _to_bytes(payload)
         if qos == 0:
             if self.state != CONNECTED:
                 return False
-            self._send(mqttcodec.encode_publish(topic, payload, 0, retain))
+            packet = mqttcodec.encode_publish(topic, payload, 0, retain, 0, False,
+                                              self._encode_properties(properties))
+            if not self._fits(packet, topic):
+                return False
+            self._send(packet)
             return True
-        if self.state != CONNECTED:
-            self._queue(topic, payload, retain)
-            return True
-        self._send_qos1(topic, payload, retain, False)
-        return True
-
-    def _queue(self, topic, payload, retain):
-        self._queued.append((topic, payload, retain))
+        self._queued.append((topic, payload, retain, properties, False))
         if len(self._queued) > MAX_QUEUED_QOS1:
             dropped = self._queued.pop(0)
-            log.warning("dropped a queued QoS 1 message to %s: %d messages wait for a connection",
+            log.warning("dropped a queued QoS 1 message to %s: %d messages wait to be sent",
                         dropped[0], MAX_QUEUED_QOS1)
+        self._send_queued()
+        return True
 
-    def _send_qos1(self, topic, payload, retain, dup):
-        packet_id = self._new_packet_id()
-        self._inflight[packet_id] = (topic, payload, retain)
-        self._inflight_order.append(packet_id)
-        self._send(mqttcodec.encode_publish(topic, payload, 1, retain, packet_id, dup))
+    def _send_queued(self):
+        while self._queued and self.state == CONNECTED \
+                and len(self._inflight) < self._receive_maximum:
+            topic, payload, retain, properties, dup = self._queued.pop(0)
+            packet_id = self._new_packet_id()
+            packet = mqttcodec.encode_publish(topic, payload, 1, retain, packet_id, dup,
+                                              self._encode_properties(properties))
+            if not self._fits(packet, topic):
+                continue
+            self._inflight[packet_id] = (topic, payload, retain, properties)
+            self._inflight_order.append(packet_id)
+            self._send(packet)
+
+    def _fits(self, packet, topic):
+        # An MQTT 5 broker disconnects a client that sends a packet over its
+        # Maximum Packet Size, and a QoS 1 message would be sent again after
+        # every reconnect, so such a message is dropped.
+        if self._maximum_packet_size is None or len(packet) <= self._maximum_packet_size:
+            return True
+        log.warning("client %s: dropped the message to %s: its packet of %d bytes is over the"
+                    " maximum packet size of broker %s, %d bytes", self.client_id, topic,
+                    len(packet), self.peer, self._maximum_packet_size)
+        return False
+
+    def _encode_properties(self, properties):
+        if self._level != mqttcodec.MQTT_V5:
+            return None
+        encoded = {}
+        if properties:
+            for name, identifier in _MESSAGE_PROPERTIES:
+                if name in properties:
+                    encoded[identifier] = properties[name]
+        return encoded
 
     def subscribe(self, topics):
         """Subscribe to (filter, qos) pairs now and again after every reconnect."""
         for topic, qos in topics:
             self._subscriptions[topic] = qos
         if self.state == CONNECTED:
-            self._send(mqttcodec.encode_subscribe(self._new_packet_id(), topics))
+            self._send_subscribe(topics)
+
+    def _send_subscribe(self, topics):
+        packet_id = self._new_packet_id()
+        self._pending_subscribes[packet_id] = [topic for topic, qos in topics]
+        self._send(mqttcodec.encode_subscribe(packet_id, topics, self._level))
 
     def disconnect(self):
         """Send DISCONNECT after what is queued for the socket, then close.
@@ -413,33 +480,43 @@ class MqttClient:
 
     def _handle_packet(self, packet_type, flags, body):
         if self.state == AWAITING_CONNACK:
-            if packet_type != mqttcodec.CONNACK or len(body) != 2:
+            if packet_type != mqttcodec.CONNACK:
                 raise mqttcodec.ProtocolError("expected CONNACK, got packet type %d" % packet_type)
-            self._on_connack(body[0] & 0x01, body[1])
+            self._on_connack(*mqttcodec.decode_connack(body, self._level))
             return
         if packet_type == mqttcodec.PUBLISH:
-            topic, payload, qos, retain, packet_id = mqttcodec.decode_publish(flags, body)
+            topic, payload, qos, retain, packet_id, properties = mqttcodec.decode_publish(
+                flags, body, self._level)
             if qos == 1:
                 self._send(mqttcodec.encode_ack(mqttcodec.PUBACK, packet_id))
             elif qos == 2:
                 # Subscriptions request QoS 1 at most, but a QoS 2 delivery still gets a PUBREC.
                 self._send(mqttcodec.encode_ack(mqttcodec.PUBREC, packet_id))
             if self.on_message is not None:
-                self.on_message(topic, payload, qos, retain)
+                self.on_message(topic, payload, qos, retain, _message_properties(properties))
         elif packet_type == mqttcodec.PUBACK:
-            self._acknowledge(mqttcodec.decode_packet_id(body))
+            self._acknowledge(*mqttcodec.decode_ack(body))
         elif packet_type == mqttcodec.PUBREL:
             self._send(mqttcodec.encode_ack(mqttcodec.PUBCOMP, mqttcodec.decode_packet_id(body)))
         elif packet_type == mqttcodec.SUBACK:
-            for code in body[2:]:
-                if code == 0x80:
-                    log.warning("broker %s rejected a subscription (SUBACK 0x80)", self.peer)
+            self._on_suback(*mqttcodec.decode_suback(body, self._level))
         elif packet_type == mqttcodec.PINGRESP:
             self._ping_sent_at = None
+        elif packet_type == mqttcodec.DISCONNECT and self._level == mqttcodec.MQTT_V5:
+            code, properties = mqttcodec.decode_disconnect(body)
+            self._fail("%s sent DISCONNECT: %s" % (self.peer, _reason_text(code, properties)))
         else:
             raise mqttcodec.ProtocolError("unexpected packet type %d" % packet_type)
 
-    def _on_connack(self, session_present, code):
+    def _on_connack(self, session_present, code, properties):
+        if code and self._level == mqttcodec.MQTT_V5 and code in (1, 0x84):
+            # A broker that supports only MQTT 3.1.1 rejects version 5 with its
+            # return code 1, unacceptable protocol version. 0x84 is MQTT 5's code.
+            self._fall_back_to_mqtt311(code)
+            return
+        if code and self._level == mqttcodec.MQTT_V5:
+            self._fail("%s refused the connection: %s" % (self.peer, _reason_text(code, properties)))
+            return
         if code:
             reason = mqttcodec.CONNACK_CODES.get(code, "unknown reason")
             self._fail("%s refused the connection: %s (CONNACK code %d)" % (self.peer, reason, code))
@@ -450,41 +527,79 @@ class MqttClient:
         self._last_sent = now
         self._last_received = now
         self._ping_sent_at = None
+        # An MQTT 5 broker may set the keepalive, the number of QoS 1 messages
+        # awaiting PUBACK and the packet size. The client must follow all three.
+        self._keepalive = properties.get(mqttcodec.SERVER_KEEP_ALIVE, self.keepalive)
+        self._receive_maximum = max(1, properties.get(mqttcodec.RECEIVE_MAXIMUM,
+                                                      DEFAULT_RECEIVE_MAXIMUM))
+        self._maximum_packet_size = properties.get(mqttcodec.MAXIMUM_PACKET_SIZE)
         self._schedule_keepalive()
 
+        self._pending_subscribes = {}
         if self._subscriptions:
-            topics = list(self._subscriptions.items())
-            self._send(mqttcodec.encode_subscribe(self._new_packet_id(), topics))
-        resend = [self._inflight[packet_id] for packet_id in self._inflight_order]
+            self._send_subscribe(list(self._subscriptions.items()))
+        resend = [self._inflight[packet_id] + (True,) for packet_id in self._inflight_order]
         self._inflight = {}
         self._inflight_order = []
-        for topic, payload, retain in resend:
-            self._send_qos1(topic, payload, retain, True)
-        queued = self._queued
-        self._queued = []
-        for topic, payload, retain in queued:
-            self._send_qos1(topic, payload, retain, False)
+        self._queued = resend + self._queued
+        self._send_queued()
 
         if self.on_connect is not None:
             self.on_connect(bool(session_present))
 
-    def _acknowledge(self, packet_id):
-        if self._inflight.pop(packet_id, None) is not None:
-            self._inflight_order.remove(packet_id)
+    def _fall_back_to_mqtt311(self, code):
+        self._mqtt311_peers.add(self.peer)
+        if code >= 0x80:
+            refusal = mqttcodec.describe_reason(code)
+        else:
+            refusal = "CONNACK code %d" % code
+        log.warning("client %s: broker %s rejected MQTT 5 with %s; connecting again with MQTT"
+                    " 3.1.1, which this broker gets from now on", self.client_id, self.peer,
+                    refusal)
+        self._close()
+        host, port, ssl_context, server_hostname = self._target
+        self.connect(host, port, ssl_context, server_hostname)
+
+    def _acknowledge(self, packet_id, code, properties):
+        message = self._inflight.pop(packet_id, None)
+        if message is None:
+            return
+        self._inflight_order.remove(packet_id)
+        if code >= 0x80:
+            log.warning("client %s: broker %s rejected the message to %s: %s", self.client_id,
+                        self.peer, message[0], _reason_text(code, properties))
+        self._send_queued()
+
+    def _on_suback(self, packet_id, codes, properties):
+        topics = self._pending_subscribes.pop(packet_id, None) or []
+        for index, code in enumerate(codes):
+            if code < 0x80:
+                continue
+            topic = topics[index] if index < len(topics) else "?"
+            if self._level == mqttcodec.MQTT_V5:
+                reason = _reason_text(code, properties)
+            else:
+                reason = "SUBACK 0x80"
+            log.warning("client %s: broker %s rejected the subscription to %s: %s",
+                        self.client_id, self.peer, topic, reason)
 
     def _schedule_keepalive(self):
-        interval = max(1.0, self.keepalive / 4.0)
+        if not self._keepalive:
+            # An MQTT 5 broker's Server Keep Alive of 0 turns pings off.
+            return
+        interval = max(1.0, self._keepalive / 4.0)
         self._timer = self.loop.call_later(interval, self._check_keepalive)
 
     def _check_keepalive(self):
         if self.state != CONNECTED:
             return
         now = self.loop.time()
+        keepalive = self._keepalive
         if self._ping_sent_at is not None:
-            if now - self._ping_sent_at > max(5.0, self.keepalive / 2.0):
+            if now - self._ping_sent_at > max(5.0, keepalive / 2.0):
                 self._fail("no PINGRESP from %s within %.0f s" % (self.peer, now - self._ping_sent_at))
                 return
-        elif now - self._last_sent >= self.keepalive * 0.75 or now - self._last_received >= self.keepalive * 0.75:
+        elif now - self._last_sent >= keepalive * 0.75 or now - self._last_received >= keepalive * 0.75:
             # A broker that is only sent QoS 0 messages never replies, so a
             # half-open connection is found only by pinging it.
             self._ping_sent_at = now
@@ -499,6 +614,14 @@ class MqttClient:
         was_connected = self.state == CONNECTED
         if self.state == CLOSED:
             return
+        self._close()
+        if not clean:
+            log.debug("connection to %s ended: %s", self.peer, reason)
+        if self.on_disconnect is not None:
+            self.on_disconnect(reason, was_connected)
+
+    def _close(self):
+        """Release the socket and timers of the connection, without callbacks."""
         self.state = CLOSED
         if self._timer is not None:
             self._timer.cancel()
@@ -518,10 +641,25 @@ class MqttClient:
         self._fd = None
         self._out = bytearray()
         self._closing = False
-        if not clean:
-            log.debug("connection to %s ended: %s", self.peer, reason)
-        if self.on_disconnect is not None:
-            self.on_disconnect(reason, was_connected)
+
+
+def _message_properties(properties):
+    """Return on_message's properties dict from decoded MQTT 5 properties (None under 3.1.1)."""
+    selected = {}
+    if properties:
+        for name, identifier in _MESSAGE_PROPERTIES:
+            if identifier in properties:
+                selected[name] = properties[identifier]
+    return selected
+
+
+def _reason_text(code, properties):
+    """Describe an MQTT 5 reason code with the broker's Reason String, if it sent one."""
+    text = mqttcodec.describe_reason(code)
+    reason_string = properties.get(mqttcodec.REASON_STRING)
+    if reason_string:
+        text += ": %r" % reason_string[:200]
+    return text
 
 
 def _to_bytes(payload):

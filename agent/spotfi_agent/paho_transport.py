@@ -2,13 +2,17 @@
 
 CPython only. paho's own network loop thread is not used: its socket is
 registered on spotfi_agent.loop and loop_read, loop_write and loop_misc are
-called from there.
+called from there. MQTT 5 and the fall-back to MQTT 3.1.1 work as in
+spotfi_agent.mqtt.
 """
 
 import socket
 
 import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
+from spotfi_agent import mqttcodec
 from spotfi_agent.log import get_logger
 
 log = get_logger(__name__)
@@ -19,13 +23,17 @@ _PAHO_2 = hasattr(paho, "CallbackAPIVersion")
 class PahoClient:
     """The MqttClient interface (see spotfi_agent.mqtt) on top of paho-mqtt."""
 
-    def __init__(self, loop, client_id, keepalive=60, username=None, password=None, will=None):
+    def __init__(self, loop, client_id, keepalive=60, username=None, password=None, will=None,
+                 mqtt_version="5"):
         self.loop = loop
         self.client_id = client_id
         self.keepalive = keepalive
         self.username = username
         self.password = password
         self.will = will
+        self.mqtt_version = mqtt_version
+        self.protocol_version = None
+        self._mqtt311_peers = set()
         self.on_connect = None
         self.on_disconnect = None
         self.on_message = None
@@ -60,12 +68,22 @@ class PahoClient:
         # paho 1.6 and 2.x keep QoS 1 messages in flight in _out_messages.
         return len(getattr(self._paho, "_out_messages", {})) + len(self._queued)
 
+    @property
+    def _mqtt5(self):
+        return self.protocol_version == "5"
+
     def _new_paho(self):
+        # paho rejects clean_session under MQTT 5, where connect() sets clean start.
+        if self._mqtt5:
+            protocol, clean_session = paho.MQTTv5, None
+        else:
+            protocol, clean_session = paho.MQTTv311, True
         if _PAHO_2:
             client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                                 clean_session=True, protocol=paho.MQTTv311)
+                                 clean_session=clean_session, protocol=protocol)
         else:
-            client = paho.Client(client_id=self.client_id, clean_session=True, protocol=paho.MQTTv311)
+            client = paho.Client(client_id=self.client_id, clean_session=clean_session,
+                                 protocol=protocol)
         if self.username is not None:
             client.username_pw_set(self.username, self.password)
         if self.will is not None:
@@ -79,13 +97,23 @@ class PahoClient:
 
     def connect(self, host, port, ssl_context=None, server_hostname=None):
         self.peer = "%s:%d" % (host, port)
+        self._target = (host, port, ssl_context, server_hostname)
+        if self.mqtt_version == "3.1.1" or self.peer in self._mqtt311_peers:
+            self.protocol_version = "3.1.1"
+        else:
+            self.protocol_version = "5"
         self._paho = self._new_paho()
         if ssl_context is not None:
             self._paho.tls_set_context(ssl_context)
         try:
             # NOTE: paho's connect() resolves and connects synchronously, so an
             # unreachable broker blocks the loop for up to its socket timeout.
-            self._paho.connect(host, port, self.keepalive)
+            if self._mqtt5:
+                # Without a Session Expiry Interval the session ends with the
+                # connection, as a clean session does under MQTT 3.1.1.
+                self._paho.connect(host, port, self.keepalive, clean_start=True)
+            else:
+                self._paho.connect(host, port, self.keepalive)
         except (OSError, ValueError) as error:
             self._paho = None
             self.loop.call_soon(self._report, "connection to %s failed: %s" % (self.peer, error), False)
@@ -137,6 +165,16 @@ class PahoClient:
 
     def _paho_connected(self, client, userdata, flags, reason_code, properties=None):
         code = getattr(reason_code, "value", reason_code)
+        if self._mqtt5 and code == 0x84:
+            # paho 1.6 and 2.x report an MQTT 3.1.1 broker's refusal of
+            # version 5 (return code 1) as 0x84, as a version 5 broker sends it.
+            self._fall_back_to_mqtt311(client, code)
+            return
+        if code >= 0x80:
+            # paho 2.x gives MQTT 5 reason codes for MQTT 3.1.1 connections too.
+            self._closed("%s refused the connection: %s"
+                         % (self.peer, mqttcodec.describe_reason(code)))
+            return
         if code != 0:
             self._closed("%s refused the connection: %s (CONNACK code %s)"
                          % (self.peer, paho.connack_string(code), code))
@@ -146,35 +184,83 @@ class PahoClient:
             self._paho.subscribe(list(self._subscriptions.items()))
         queued = self._queued
         self._queued = []
-        for topic, payload, qos, retain in queued:
-            self._paho.publish(topic, payload, qos, retain)
+        for topic, payload, qos, retain, message_properties in queued:
+            self._paho.publish(topic, payload, qos, retain,
+                               self._paho_properties(message_properties))
         self._update_writer()
         if self.on_connect is not None:
             self.on_connect(bool(flags.get("session present", 0) if isinstance(flags, dict)
                                  else getattr(flags, "session_present", False)))
 
+    def _fall_back_to_mqtt311(self, client, code):
+        self._mqtt311_peers.add(self.peer)
+        log.warning("client %s: broker %s rejected MQTT 5 with %s; connecting again with MQTT"
+                    " 3.1.1, which this broker gets from now on", self.client_id, self.peer,
+                    mqttcodec.describe_reason(code))
+        # paho reports the refusal to on_disconnect once this callback returns.
+        client.on_connect = None
+        client.on_disconnect = None
+        client.on_message = None
+        self._release()
+        host, port, ssl_context, server_hostname = self._target
+        self.connect(host, port, ssl_context, server_hostname)
+
     def _paho_disconnected(self, client, userdata, *args):
-        # paho 2.x passes (flags, reason_code, properties), paho 1.6 passes (rc).
-        if len(args) >= 2:
-            code = args[-2]
+        # paho 2.x passes (flags, reason_code, properties). paho 1.6 passes
+        # (rc) under MQTT 3.1.1 and (reason_code, properties) under MQTT 5.
+        from_broker = False
+        if len(args) == 3:
+            from_broker = getattr(args[0], "is_disconnect_packet_from_server", False)
+            code = args[1]
         elif args:
             code = args[0]
         else:
             code = None
         code = getattr(code, "value", code)
-        if code == 0 or code is None:
+        if from_broker and code is not None and code >= 0x80:
+            self._closed("%s sent DISCONNECT: %s" % (self.peer, mqttcodec.describe_reason(code)))
+        elif from_broker:
+            # paho 2.1 reads a DISCONNECT's reason code only when properties follow it.
+            self._closed("%s sent DISCONNECT" % self.peer)
+        elif code == 0 or code is None:
             self._closed("disconnected by the agent")
         else:
             self._closed("connection to %s lost (code %s)" % (self.peer, code))
 
     def _paho_message(self, client, userdata, message):
-        if self.on_message is not None:
-            self.on_message(message.topic, message.payload, message.qos, message.retain)
+        if self.on_message is None:
+            return
+        properties = {}
+        received = getattr(message, "properties", None)
+        if received is not None:
+            response_topic = getattr(received, "ResponseTopic", None)
+            if response_topic is not None:
+                properties["response_topic"] = response_topic
+            correlation_data = getattr(received, "CorrelationData", None)
+            if correlation_data is not None:
+                properties["correlation_data"] = bytes(correlation_data)
+        self.on_message(message.topic, message.payload, message.qos, message.retain, properties)
+
+    def _paho_properties(self, properties):
+        """Return paho's PUBLISH properties for publish()'s, or None."""
+        if not properties or not self._mqtt5:
+            return None
+        result = Properties(PacketTypes.PUBLISH)
+        if "response_topic" in properties:
+            result.ResponseTopic = properties["response_topic"]
+        if "correlation_data" in properties:
+            result.CorrelationData = properties["correlation_data"]
+        return result
 
     def _closed(self, reason):
         if self._paho is None:
             return
         was_connected = self._connected
+        self._release()
+        self._report(reason, was_connected)
+
+    def _release(self):
+        """Drop the paho client and its socket and timer, without callbacks."""
         self._connected = False
         if self._fd is not None:
             self.loop.remove_reader(self._fd)
@@ -191,23 +277,22 @@ class PahoClient:
                 sock.close()
             except OSError:
                 pass
-        self._report(reason, was_connected)
 
     def _report(self, reason, was_connected):
         if self.on_disconnect is not None:
             self.on_disconnect(reason, was_connected)
 
-    def publish(self, topic, payload, qos=0, retain=False):
+    def publish(self, topic, payload, qos=0, retain=False, properties=None):
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
         if not self._connected:
             if qos == 0:
                 return False
-            self._queued.append((topic, bytes(payload), qos, retain))
+            self._queued.append((topic, bytes(payload), qos, retain, properties))
             if len(self._queued) > 200:
                 self._queued.pop(0)
             return True
-        self._paho.publish(topic, bytes(payload), qos, retain)
+        self._paho.publish(topic, bytes(payload), qos, retain, self._paho_properties(properties))
         self._update_writer()
         return True
 
@@ -225,9 +310,13 @@ class PahoClient:
         if not self._connected:
             self._closed("disconnected by the agent")
             return
-        self._paho.disconnect()
-        # Flush DISCONNECT now: the loop may stop right after this call.
-        self._paho.loop_write()
+        paho_client = self._paho
+        paho_client.disconnect()
+        # paho 2.x writes DISCONNECT at once when the socket takes it, and
+        # its on_disconnect then closes this client. Otherwise DISCONNECT is
+        # flushed here, because the loop may stop right after this call.
+        if self._paho is paho_client:
+            paho_client.loop_write()
         self._closed("disconnected by the agent")
 
     def abort(self, reason):

@@ -58,7 +58,9 @@ class Session:
     """Keeps the MQTT connection to the first reachable broker of a list.
 
     `client` is a transport with the MqttClient interface (connect, publish,
-    subscribe, disconnect, abort, connected, unacknowledged, callbacks).
+    subscribe, disconnect, abort, connected, unacknowledged, protocol_version,
+    callbacks). on_message(topic, payload, properties) gets the message
+    properties as the client's on_message does.
     `brokers` have host, port, tls and display attributes; `tls_context(broker)`
     returns an ssl context or None.
     """
@@ -119,15 +121,16 @@ class Session:
         self.connections += 1
         self.connected_at = self.loop.time()
         self._round_failures = 0
-        log.info("router %s: connected to %s as client router-%s",
-                 self.topics.router_id, self.broker.display, self.topics.router_id)
+        log.info("router %s: connected to %s as client router-%s with MQTT %s",
+                 self.topics.router_id, self.broker.display, self.topics.router_id,
+                 self.client.protocol_version)
         self.client.publish(self.topics.status, b"ONLINE", 1, True)
         if self.on_online is not None:
             self.on_online()
 
-    def _on_message(self, topic, payload, qos, retain):
+    def _on_message(self, topic, payload, qos, retain, properties):
         if self.on_message is not None:
-            self.on_message(topic, payload)
+            self.on_message(topic, payload, properties)
 
     def _on_disconnect(self, reason, was_connected):
         if self.state in (STOPPING, STOPPED):
