@@ -1,15 +1,21 @@
-"""The agent process against a real mosquitto: status, Last Will, metrics, failover, signals.
+"""The agent process against a real mosquitto: status, Last Will, metrics, failover, signals,
+and where RPC results go over MQTT 5.
 
 Each case runs with both transports (the agent's own client and paho-mqtt).
 """
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from harness import HostRouter, MqttObserver, fresh_status, wait_until
 
@@ -270,3 +276,176 @@ def test_duplicate_client_id_backs_off(mosquitto, tmp_path):
 
     # Without backoff the pair reconnects hundreds of times in 12 s.
     assert 2 <= connects <= 20
+
+
+# RPC results over MQTT 5.
+
+
+class Mqtt5Requester:
+    """A paho MQTT 5 client where an API instance would be: it sends requests with
+    properties and records each message it receives with its Correlation Data.
+    """
+
+    def __init__(self, port, topics):
+        self.messages = []
+        self._lock = threading.Lock()
+        connected = threading.Event()
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2,
+                                  client_id="requester-%d-%d" % (os.getpid(), id(self)),
+                                  protocol=paho.MQTTv5)
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda *args: connected.set()
+        self.client.connect("127.0.0.1", port, 30)
+        self.client.loop_start()
+        if not connected.wait(10):
+            raise AssertionError("requester could not connect to 127.0.0.1:%d" % port)
+        for topic in topics:
+            self.client.subscribe(topic, 1)
+
+    def _on_message(self, client, userdata, message):
+        correlation_data = getattr(message.properties, "CorrelationData", None)
+        try:
+            payload = json.loads(message.payload)
+        except ValueError:
+            payload = {"text": message.payload.decode("utf-8", "replace")}
+        with self._lock:
+            self.messages.append((message.topic, payload, correlation_data))
+
+    def request(self, topic, message, response_topic=None, correlation_data=None):
+        properties = Properties(PacketTypes.PUBLISH)
+        if response_topic is not None:
+            properties.ResponseTopic = response_topic
+        if correlation_data is not None:
+            properties.CorrelationData = correlation_data
+        self.client.publish(topic, json.dumps(message), 1, False, properties).wait_for_publish(10)
+
+    def wait_for_result(self, request_id, timeout=10.0):
+        """Return (topic, result, correlation data) of the first result of `request_id`."""
+        def found():
+            with self._lock:
+                for topic, payload, correlation_data in self.messages:
+                    if payload.get("type") == "rpc-result" and payload.get("id") == request_id:
+                        return topic, payload, correlation_data
+            return None
+        return wait_until(found, timeout, message="the result of rpc %s" % request_id)
+
+    def results(self, request_id):
+        """Return every (topic, result, correlation data) received for `request_id`."""
+        with self._lock:
+            return [message for message in self.messages
+                    if message[1].get("type") == "rpc-result" and message[1].get("id") == request_id]
+
+    def close(self):
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def requester_factory():
+    requesters = []
+
+    def create(port, topics):
+        requester = Mqtt5Requester(port, topics)
+        requesters.append(requester)
+        return requester
+
+    yield create
+    for requester in requesters:
+        requester.close()
+
+
+def ping(request_id, **extra):
+    message = {"type": "rpc", "id": request_id, "path": "spotfi.agent", "method": "ping"}
+    message.update(extra)
+    return message
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_rpc_result_on_mqtt5_response_topic(mosquitto, router_factory, requester_factory,
+                                            transport):
+    router_id = "v5-reply-%s" % transport
+    prefix = "spotfi/router/%s/" % router_id
+    requester = requester_factory(mosquitto.port, [prefix + "rpc/#"])
+    router_factory(router_id, [mosquitto.port], transport=transport).start()
+    wait_until(lambda: fresh_status(mosquitto.port, router_id)[0] == "ONLINE", 10,
+               message="ONLINE")
+    reply_topic = prefix + "rpc/response/api-2"
+
+    requester.request(prefix + "rpc/request", ping("v5-1"), reply_topic, b"\x00corr-v5-1")
+    topic, result, correlation_data = requester.wait_for_result("v5-1")
+
+    assert topic == reply_topic
+    assert correlation_data == b"\x00corr-v5-1"
+    assert result["status"] == "success"
+    assert result["result"]["pong"] is True
+    assert len(requester.results("v5-1")) == 1
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_rpc_response_topic_outside_prefix(mosquitto, router_factory, requester_factory,
+                                           transport):
+    router_id = "v5-outside-%s" % transport
+    prefix = "spotfi/router/%s/" % router_id
+    outside = "spotfi/router/other-router/rpc/response"
+    requester = requester_factory(mosquitto.port, [prefix + "rpc/#", outside])
+    router = router_factory(router_id, [mosquitto.port], transport=transport).start()
+    wait_until(lambda: fresh_status(mosquitto.port, router_id)[0] == "ONLINE", 10,
+               message="ONLINE")
+
+    requester.request(prefix + "rpc/request", ping("v5-2"), outside, b"corr-v5-2")
+    topic, result, correlation_data = requester.wait_for_result("v5-2")
+
+    assert topic == prefix + "rpc/response"
+    assert correlation_data == b"corr-v5-2"
+    assert result["status"] == "success"
+    assert "MQTT 5 Response Topic \"%s\" is not a topic under %s" % (outside, prefix) \
+        in router.log_text()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_rpc_response_topic_property_beats_field(mosquitto, router_factory, requester_factory,
+                                                 transport):
+    router_id = "v5-both-%s" % transport
+    prefix = "spotfi/router/%s/" % router_id
+    requester = requester_factory(mosquitto.port, [prefix + "rpc/#"])
+    router_factory(router_id, [mosquitto.port], transport=transport).start()
+    wait_until(lambda: fresh_status(mosquitto.port, router_id)[0] == "ONLINE", 10,
+               message="ONLINE")
+    property_topic = prefix + "rpc/response/from-property"
+    field_topic = prefix + "rpc/response/from-field"
+
+    requester.request(prefix + "rpc/request", ping("v5-3", responseTopic=field_topic),
+                      property_topic)
+    topic, result, correlation_data = requester.wait_for_result("v5-3")
+    time.sleep(0.5)
+
+    assert topic == property_topic
+    assert correlation_data is None
+    assert [message[0] for message in requester.results("v5-3")] == [property_topic]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_mqtt311_option_uses_field_only(mosquitto, router_factory, requester_factory, transport):
+    router_id = "v311-%s" % transport
+    prefix = "spotfi/router/%s/" % router_id
+    requester = requester_factory(mosquitto.port, [prefix + "rpc/#"])
+    router = router_factory(router_id, [mosquitto.port], transport=transport,
+                            options={"mqtt_version": "3.1.1"}).start()
+    wait_until(lambda: fresh_status(mosquitto.port, router_id)[0] == "ONLINE", 10,
+               message="ONLINE")
+    field_topic = prefix + "rpc/response/api-9"
+
+    # The broker drops the properties when it delivers to an MQTT 3.1.1 client.
+    requester.request(prefix + "rpc/request", ping("v311-1", responseTopic=field_topic),
+                      prefix + "rpc/response/from-property", b"lost")
+    topic, result, correlation_data = requester.wait_for_result("v311-1")
+    requester.request(prefix + "rpc/request", ping("v311-2"), prefix + "rpc/response/p", b"x")
+    plain_topic, plain_result, plain_correlation = requester.wait_for_result("v311-2")
+
+    assert topic == field_topic
+    assert correlation_data is None
+    assert result["status"] == "success"
+    assert plain_topic == prefix + "rpc/response"
+    assert plain_correlation is None
+    assert "with MQTT 3.1.1" in router.log_text()
+    assert "as router-%s (p2," % router_id in mosquitto.log_tail(10 ** 8)

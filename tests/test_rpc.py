@@ -43,11 +43,13 @@ class CollectingContext:
         self.topics = Topics(ROUTER_ID)
         self.settings = settings
         self.published = []
+        self.published_properties = []
         self.publish_result = True
         self._info = info if info is not None else {"version": "test", "routerId": ROUTER_ID}
 
-    def publish(self, topic, payload, qos=0, retain=False):
+    def publish(self, topic, payload, qos=0, retain=False, properties=None):
         self.published.append((topic, payload, qos, retain))
+        self.published_properties.append(properties)
         return self.publish_result
 
     def path(self, absolute_path):
@@ -641,6 +643,84 @@ def test_response_topic_outside_prefix(make_dispatcher, logs, topic):
     assert len(warnings) == 1
     assert "rpc r3" in warnings[0]
     assert "responseTopic" in warnings[0]
+
+
+def test_mqtt5_response_topic_and_correlation(make_dispatcher, logs):
+    context, dispatcher = make_dispatcher()
+    topic = "spotfi/router/r1/rpc/response/api-5"
+    dispatcher.handle(request("p1", "system", "board"),
+                      {"response_topic": topic, "correlation_data": b"\x00c-p1"})
+    results = context.wait_for(1)
+    assert context.published[0][0] == topic
+    assert context.published_properties == [{"correlation_data": b"\x00c-p1"}]
+    assert results[0]["status"] == "success"
+    assert sorted(results[0]) == ["id", "result", "status", "type"]
+    assert logs.messages() == []
+
+
+def test_mqtt5_correlation_without_response_topic(make_dispatcher):
+    context, dispatcher = make_dispatcher()
+    dispatcher.handle(request("p2", "spotfi.agent", "ping"), {"correlation_data": b"c-p2"})
+    assert context.published[0][0] == RESPONSE_TOPIC
+    assert context.published_properties == [{"correlation_data": b"c-p2"}]
+
+
+def test_no_properties_publishes_none(make_dispatcher):
+    context, dispatcher = make_dispatcher()
+    dispatcher.handle(request("p3", "spotfi.agent", "ping"), {})
+    dispatcher.handle(request("p4", "spotfi.agent", "ping"))
+    assert context.published_properties == [None, None]
+
+
+def test_mqtt5_response_topic_beats_field(make_dispatcher, logs):
+    context, dispatcher = make_dispatcher()
+    field_topic = "spotfi/router/r1/rpc/response/from-field"
+    property_topic = "spotfi/router/r1/rpc/response/from-property"
+    dispatcher.handle(request("p5", "spotfi.agent", "ping", responseTopic=field_topic),
+                      {"response_topic": property_topic})
+    assert [message[0] for message in context.published] == [property_topic]
+    assert logs.messages() == []
+
+
+@pytest.mark.parametrize("topic", [
+    "spotfi/router/r2/rpc/response",
+    "spotfi/router/r1/",
+    "spotfi/router/r1/rpc/#",
+    "other/topic",
+])
+def test_mqtt5_response_topic_outside_prefix(make_dispatcher, logs, topic):
+    context, dispatcher = make_dispatcher()
+    valid_field = "spotfi/router/r1/rpc/response/from-field"
+    dispatcher.handle(request("p6", "spotfi.agent", "ping", responseTopic=valid_field),
+                      {"response_topic": topic, "correlation_data": b"c-p6"})
+    assert context.published[0][0] == RESPONSE_TOPIC
+    assert context.published_properties == [{"correlation_data": b"c-p6"}]
+    warnings = logs.messages()
+    assert len(warnings) == 1
+    assert "rpc p6" in warnings[0]
+    assert "MQTT 5 Response Topic" in warnings[0]
+
+
+def test_mqtt5_properties_on_invalid_request(make_dispatcher):
+    context, dispatcher = make_dispatcher()
+    topic = "spotfi/router/r1/rpc/response/api-5"
+    dispatcher.handle(request("p7", "system", ""),
+                      {"response_topic": topic, "correlation_data": b"c-p7"})
+    assert context.published[0][0] == topic
+    assert context.published_properties == [{"correlation_data": b"c-p7"}]
+    assert context.results()[0]["code"] == "invalid_request"
+
+
+def test_mqtt5_properties_on_unparsable_payload(make_dispatcher):
+    # The JSON field cannot be read here, but the property can.
+    context, dispatcher = make_dispatcher()
+    topic = "spotfi/router/r1/rpc/response/api-5"
+    dispatcher.handle(b'{"id": "p8", "path": ', {"response_topic": topic,
+                                                  "correlation_data": b"c-p8"})
+    assert context.published[0][0] == topic
+    assert context.published_properties == [{"correlation_data": b"c-p8"}]
+    assert context.results()[0]["id"] == "p8"
+    assert context.results()[0]["code"] == "invalid_request"
 
 
 def test_publish_failure_logged(make_dispatcher, logs):

@@ -100,7 +100,7 @@ class Agent:
 
     def _on_message(self, topic, payload, properties):
         if topic == self.topics.rpc_request:
-            self.rpc.handle(payload)
+            self.rpc.handle(payload, properties)
         elif topic == self.topics.x_in:
             if self.tunnel is None:
                 self.tunnel = self._create_tunnel()

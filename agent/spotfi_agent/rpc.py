@@ -3,8 +3,10 @@
 A request on `rpc/request` is routed to the agent's own methods (path
 `spotfi.agent`), to an operator handler, or to `ubus call`. Commands run
 through procrun on the loop, so a slow call never blocks the agent. Every
-request whose id can be read gets exactly one result; the wire format is
-described in docs/protocol.md.
+request whose id can be read gets exactly one result, on the request's
+response topic when it names one under the router's prefix (the MQTT 5
+Response Topic property, else the JSON field `responseTopic`), with the
+request's MQTT 5 Correlation Data. docs/protocol.md describes the wire format.
 """
 
 import os
@@ -45,15 +47,21 @@ class RequestError(Exception):
 
 
 class RpcRequest:
-    """A validated request."""
+    """A validated request.
 
-    def __init__(self, request_id, path, method, args, timeout, reply_topic):
+    `reply_properties` are the MQTT properties of its result: None, or
+    {"correlation_data": bytes} when the request carried Correlation Data.
+    """
+
+    def __init__(self, request_id, path, method, args, timeout, reply_topic,
+                 reply_properties=None):
         self.id = request_id
         self.path = path
         self.method = method
         self.args = args
         self.timeout = timeout
         self.reply_topic = reply_topic
+        self.reply_properties = reply_properties
 
 
 class _Call:
@@ -106,30 +114,40 @@ class RpcDispatcher:
             call.command.kill()
         self._calls = []
 
-    def handle(self, payload):
+    def handle(self, payload, properties=None):
         """Validate and route one `rpc/request` message (bytes or str).
 
-        Every request whose id can be read gets exactly one result.
+        `properties` are the message's MQTT 5 properties as the MQTT client
+        passes them: the keys "response_topic" and "correlation_data", each
+        optional. Every request whose id can be read gets exactly one result.
         """
+        response_topic = None
+        reply_properties = None
+        if properties:
+            response_topic = properties.get("response_topic")
+            correlation_data = properties.get("correlation_data")
+            if correlation_data is not None:
+                reply_properties = {"correlation_data": correlation_data}
         try:
-            self._handle(payload)
+            self._handle(payload, response_topic, reply_properties)
         except Exception:
             # A bug here must not take down the agent's only connection.
             log.exception("router %s: rpc request failed inside the agent", self.router_id)
 
     # Parsing and validation.
 
-    def _handle(self, payload):
+    def _handle(self, payload, response_topic, reply_properties):
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
         if len(payload) > MAX_PAYLOAD:
             self._reject(payload, "payload is %d bytes, over the limit of %d bytes"
-                         % (len(payload), MAX_PAYLOAD))
+                         % (len(payload), MAX_PAYLOAD), response_topic, reply_properties)
             return
         try:
             message = jsoncodec.loads(payload.decode("utf-8"))
         except (UnicodeError, ValueError) as error:
-            self._reject(payload, "payload is not valid JSON: %s" % error)
+            self._reject(payload, "payload is not valid JSON: %s" % error, response_topic,
+                         reply_properties)
             return
         if not isinstance(message, dict):
             self._drop(payload, "payload is a JSON %s, not an object" % _type_name(message))
@@ -143,37 +161,58 @@ class RpcDispatcher:
             self._drop(payload, problem)
             return
 
-        reply_topic = self._choose_reply_topic(request_id, message.get("responseTopic"))
+        reply_topic = self._choose_reply_topic(request_id, response_topic,
+                                               message.get("responseTopic"))
         try:
             request = _parse_request(message, request_id, reply_topic)
         except RequestError as error:
             log.warning("router %s: rpc %s: invalid request: %s",
                         self.router_id, request_id, error.message)
-            self._send_error(request_id, reply_topic, error.code, error.message)
+            self._send_error(request_id, reply_topic, error.code, error.message,
+                             properties=reply_properties)
             return
+        request.reply_properties = reply_properties
         self._dispatch(request)
 
-    def _choose_reply_topic(self, request_id, response_topic):
-        # NOTE: an MQTT 5 client would also read the Response Topic property,
-        # but the agent's client speaks MQTT 3.1.1, which has no properties,
-        # so only the JSON `responseTopic` field can redirect a result.
-        if response_topic is None:
+    def _choose_reply_topic(self, request_id, property_topic, field_topic):
+        """Return the topic of a result: the MQTT 5 Response Topic, else the field.
+
+        Either is used only when it lies under the router's prefix, and a
+        rejected Response Topic falls back to `rpc/response`, not to the field.
+
+        NOTE: over MQTT 3.1.1 (option mqtt_version '3.1.1', or a broker that
+        rejected version 5) messages carry no properties, so only the JSON
+        field can redirect a result, and results carry no Correlation Data.
+        """
+        if property_topic is not None:
+            topic = property_topic
+            source = "MQTT 5 Response Topic"
+        elif field_topic is not None:
+            topic = field_topic
+            source = "responseTopic"
+        else:
             return self.topics.rpc_response
-        if self.topics.is_own(response_topic):
-            return response_topic
-        log.warning("router %s: rpc %s: responseTopic %s is not a topic under %s; replying on %s",
-                    self.router_id, request_id, _short_repr(response_topic),
+        if self.topics.is_own(topic):
+            return topic
+        log.warning("router %s: rpc %s: %s %s is not a topic under %s; replying on %s",
+                    self.router_id, request_id, source, _short_repr(topic),
                     self.topics.prefix, self.topics.rpc_response)
         return self.topics.rpc_response
 
-    def _reject(self, payload, reason):
-        """Reply to an unparsable payload when its id can still be read."""
+    def _reject(self, payload, reason, response_topic, reply_properties):
+        """Reply to an unparsable payload when its id can still be read.
+
+        Only the MQTT 5 Response Topic can redirect this result, because the
+        JSON field cannot be read.
+        """
         request_id = peek_id(payload)
         if request_id is None:
             self._drop(payload, reason)
             return
         log.warning("router %s: rpc %s: invalid request: %s", self.router_id, request_id, reason)
-        self._send_error(request_id, self.topics.rpc_response, "invalid_request", reason)
+        topic = self._choose_reply_topic(request_id, response_topic, None)
+        self._send_error(request_id, topic, "invalid_request", reason,
+                         properties=reply_properties)
 
     def _drop(self, payload, reason):
         log.warning("router %s: rpc request dropped without a result because its id cannot be"
@@ -201,24 +240,24 @@ class RpcDispatcher:
                 result = self.context.agent_info()
             except Exception as error:
                 log.exception("router %s: rpc %s: agent info failed", self.router_id, request.id)
-                self._send_error(request.id, request.reply_topic, "failed",
-                                 "agent info failed: %s" % error)
+                self._reply_error(request, "failed",
+                                  "agent info failed: %s" % error)
                 return
         elif method == "handlers":
             result = self.list_handlers()
         else:
-            self._send_error(request.id, request.reply_topic, "not_found",
-                             "%s has no method '%s'; available methods: %s"
-                             % (RESERVED_PATH, method, ", ".join(AGENT_METHODS)))
+            self._reply_error(request, "not_found",
+                              "%s has no method '%s'; available methods: %s"
+                              % (RESERVED_PATH, method, ", ".join(AGENT_METHODS)))
             return
-        self._send_success(request.id, request.reply_topic, result)
+        self._reply_success(request, result)
 
     def _call_handler(self, request, handler):
         try:
             argv = handler.build_argv(request.args)
         except HandlerArgumentError as error:
             log.warning("router %s: rpc %s: %s", self.router_id, request.id, error)
-            self._send_error(request.id, request.reply_topic, "invalid_request", str(error))
+            self._reply_error(request, "invalid_request", str(error))
             return
         timeout = handler.timeout if handler.timeout is not None else self.settings.rpc_timeout
         if request.timeout is not None:
@@ -254,7 +293,7 @@ class RpcDispatcher:
         if not self._ubus_missing_logged:
             log.error("router %s: rpc %s: %s", self.router_id, request.id, message)
             self._ubus_missing_logged = True
-        self._send_error(request.id, request.reply_topic, "ubus_missing", message)
+        self._reply_error(request, "ubus_missing", message)
 
     # Running commands.
 
@@ -266,7 +305,7 @@ class RpcDispatcher:
                        " retry when one has finished" % limit)
             log.warning("router %s: rpc %s: %s rejected: %s",
                         self.router_id, request.id, call.label, message)
-            self._send_error(request.id, request.reply_topic, "busy", message)
+            self._reply_error(request, "busy", message)
             return
         log.debug("router %s: rpc %s: running %s with a %s s timeout",
                   self.router_id, request.id, call.label, call.timeout)
@@ -279,7 +318,7 @@ class RpcDispatcher:
             # e.g. a string that does not encode to bytes.
             message = "%s could not start: %s" % (call.label, error)
             log.warning("router %s: rpc %s: %s", self.router_id, request.id, message)
-            self._send_error(request.id, request.reply_topic, "failed", message)
+            self._reply_error(request, "failed", message)
             return
         self._calls.append(call)
 
@@ -291,9 +330,9 @@ class RpcDispatcher:
         request = call.request
         stderr = _decode(result.stderr).strip()
         if result.timed_out:
-            self._send_error(request.id, request.reply_topic, "timeout",
-                             "%s timed out after %s s and was killed" % (call.label, call.timeout),
-                             stderr, result.truncated)
+            self._reply_error(request, "timeout",
+                              "%s timed out after %s s and was killed" % (call.label, call.timeout),
+                              stderr, result.truncated)
             return
         if result.status is None:
             if call.is_ubus and result.not_found:
@@ -301,38 +340,47 @@ class RpcDispatcher:
                 self._send_ubus_missing(request, "ubus not found: %s; install OpenWrt's ubus or"
                                         " set option ubus to its full path" % result.error)
                 return
-            self._send_error(request.id, request.reply_topic, "failed",
-                             "%s could not start: %s" % (call.label, result.error),
-                             stderr, result.truncated)
+            self._reply_error(request, "failed",
+                              "%s could not start: %s" % (call.label, result.error),
+                              stderr, result.truncated)
             return
         if result.status != 0:
             code, message = _describe_failure(call, result.status)
-            self._send_error(request.id, request.reply_topic, code, message, stderr,
-                             result.truncated)
+            self._reply_error(request, code, message, stderr,
+                              result.truncated)
             return
-        self._send_success(request.id, request.reply_topic, _parse_output(result.stdout),
-                           result.truncated)
+        self._reply_success(request, _parse_output(result.stdout),
+                            result.truncated)
 
     # Results.
 
-    def _send_success(self, request_id, topic, result, truncated=False):
+    def _reply_success(self, request, result, truncated=False):
+        self._send_success(request.id, request.reply_topic, result, truncated,
+                           request.reply_properties)
+
+    def _reply_error(self, request, code, message, stderr="", truncated=False):
+        self._send_error(request.id, request.reply_topic, code, message, stderr, truncated,
+                         request.reply_properties)
+
+    def _send_success(self, request_id, topic, result, truncated=False, properties=None):
         response = {"type": "rpc-result", "id": request_id, "status": "success", "result": result}
         if truncated:
             response["truncated"] = True
         log.debug("router %s: rpc %s: success", self.router_id, request_id)
-        self._publish(request_id, topic, response)
+        self._publish(request_id, topic, response, properties)
 
-    def _send_error(self, request_id, topic, code, message, stderr="", truncated=False):
+    def _send_error(self, request_id, topic, code, message, stderr="", truncated=False,
+                    properties=None):
         response = {"type": "rpc-result", "id": request_id, "status": "error", "result": None,
                     "error": message, "stderr": stderr, "code": code}
         if truncated:
             response["truncated"] = True
         if code in ("not_found", "failed", "timeout"):
             log.info("router %s: rpc %s: %s: %s", self.router_id, request_id, code, message)
-        self._publish(request_id, topic, response)
+        self._publish(request_id, topic, response, properties)
 
-    def _publish(self, request_id, topic, response):
-        if not self.context.publish(topic, jsoncodec.dumps(response), qos=1, retain=False):
+    def _publish(self, request_id, topic, response, properties):
+        if not self.context.publish(topic, jsoncodec.dumps(response), 1, False, properties):
             log.warning("router %s: rpc %s: the result could not be queued for %s and is lost",
                         self.router_id, request_id, topic)
 

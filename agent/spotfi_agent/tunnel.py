@@ -218,6 +218,9 @@ class TunnelManager:
         raise RequestError("spawn_failed", text)
 
     def _reply_topic(self, topic):
+        # NOTE: only the JSON field redirects terminal replies. The agent passes
+        # MQTT 5 properties to RPC only, so an x/in message's Response Topic
+        # property is ignored and replies carry no Correlation Data.
         if topic is None:
             return self.topics.x_out
         # Topics the agent subscribes to are left out, because a reply there
