@@ -2,9 +2,9 @@
 
 from spotfi_qemu.errors import (GuestBootError, GuestError, GuestStateError, GuestTimeoutError,
                                 QmpError)
-from spotfi_qemu.guest import (GUEST_ADDRESS, GUEST_BROKER_HOST, GUEST_BROKER_PORT, CommandResult,
-                               Guest, kvm_usable)
+from spotfi_qemu.guest import GUEST_ADDRESS, CommandResult, Guest, kvm_usable
 from spotfi_qemu.image import BuildError, ImagePaths, build_image
+from spotfi_qemu.machine import GUEST_BROKER_HOST, GUEST_BROKER_PORT
 
 __all__ = [
     "BuildError", "CommandResult", "GUEST_ADDRESS", "GUEST_BROKER_HOST", "GUEST_BROKER_PORT",

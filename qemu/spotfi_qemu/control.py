@@ -10,6 +10,7 @@ import socket
 import time
 
 from spotfi_qemu.errors import GuestError, GuestTimeoutError
+from spotfi_qemu.machine import connect_unix_socket
 
 
 class ControlChannel:
@@ -21,18 +22,7 @@ class ControlChannel:
         `is_alive` is called while waiting; when it returns False the wait
         stops early, because QEMU has exited.
         """
-        deadline = time.monotonic() + timeout
-        while True:
-            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self._socket.connect(socket_path)
-                break
-            except OSError as error:
-                self._socket.close()
-                if (is_alive is not None and not is_alive()) or time.monotonic() > deadline:
-                    raise GuestError("cannot connect to the control socket %s: %s"
-                                     % (socket_path, error)) from None
-                time.sleep(0.02)
+        self._socket = connect_unix_socket(socket_path, "the control socket", timeout, is_alive)
         self._buffer = b""
         self._next_id = 0
 

@@ -22,23 +22,20 @@ import logging
 import os
 import select
 import shutil
-import signal
 import stat
 import subprocess
-import tempfile
 import threading
 import time
 
 from spotfi_qemu import image as image_builder
 from spotfi_qemu.control import ControlChannel
-from spotfi_qemu.errors import GuestBootError, GuestError, GuestStateError, GuestTimeoutError
-from spotfi_qemu.qmp import qmp_command
+from spotfi_qemu.errors import GuestBootError, GuestError, GuestTimeoutError
+from spotfi_qemu.machine import (CREATED, RUNNING, STOPPED, QemuMachine, kill_process_group,
+                                 kill_qemu, user_netdev)
 
 log = logging.getLogger(__name__)
 
 GUEST_ADDRESS = "10.0.2.15"
-GUEST_BROKER_HOST = "10.0.2.100"
-GUEST_BROKER_PORT = 1883
 NIC_ID = "nic0"
 
 DEFAULT_BOOT_TIMEOUT = 120.0
@@ -46,14 +43,10 @@ PUT_CHUNK_BYTES = 48 * 1024
 # Extra time the host waits for a reply beyond a command's own timeout: an
 # emulated guest on a busy host can be slow to start the shell and reply.
 REPLY_MARGIN = 20.0
-# sockaddr_un takes paths of up to 107 bytes; longer workdirs get a short socket directory.
-MAX_SOCKET_PATH = 100
 
 KVM_PROBE_SECONDS = 5.0
 _KVM_GET_API_VERSION = 0xAE00
 _KVM_CREATE_VM = 0xAE01
-
-CREATED, RUNNING, STOPPED, CLOSED = "created", "running", "stopped", "closed"
 
 
 class CommandResult:
@@ -156,7 +149,7 @@ def find_qemu():
     return path
 
 
-class Guest:
+class Guest(QemuMachine):
     """One stand-in router VM: boot, run commands, copy files, cut the link, kill, reboot.
 
     `workdir` keeps the overlay disk, the console log (console.log, kept
@@ -170,32 +163,29 @@ class Guest:
     ends the QEMU process (-no-reboot), and a watcher thread starts a new one
     on the same disk. A fresh QEMU boots as fast as the first boot, while an
     in-place reset under TCG took 8 to 20 s longer on a 2-core test host.
+
+    With the link down (set_link(False)), the guest's TCP connections stay
+    open on both ends but carry nothing, as when a router's uplink cable is
+    pulled. A reboot starts a new QEMU process, whose link is up again.
     """
+
+    LINK_NIC_ID = NIC_ID
+    SOCKET_DIR_PREFIX = "spotfi-qemu-"
 
     def __init__(self, workdir, broker_port, hostfwd=(), memory="256M", image=None,
                  boot_timeout=DEFAULT_BOOT_TIMEOUT, kernel_args="quiet", qemu_args=()):
-        self.workdir = os.path.abspath(workdir)
-        self.broker_port = broker_port
+        super().__init__(workdir, broker_port, memory, boot_timeout)
         self.hostfwd = [(int(host), int(guest)) for host, guest in hostfwd]
-        self.memory = memory
-        self.boot_timeout = boot_timeout
         self.kernel_args = kernel_args
         self.qemu_args = list(qemu_args)
-        self.boot_id = None
-        self.boot_seconds = None
-        self.accelerator = None
         self.reboots = 0
 
         self._image = image
-        self._state = CREATED
-        self._entered = False
-        self._socket_dir = None
         self._argv = None
 
-        # The QEMU process of the current boot and the control channel to it.
+        # The control channel to the QEMU process of the current boot.
         # _process_lock guards launching and killing (the watcher thread
         # relaunches); _request_lock lets one control request run at a time.
-        self._process = None
         self._channel = None
         self._channel_process = None
         self._stopping = False
@@ -204,44 +194,9 @@ class Guest:
         self._process_lock = threading.Lock()
         self._request_lock = threading.RLock()
 
-        if "," in self.workdir:
-            raise GuestError("workdir %r contains a comma, which QEMU options cannot take "
-                             "unescaped; choose another directory" % self.workdir)
-        os.makedirs(self.workdir, exist_ok=True)
         self.overlay_disk = os.path.join(self.workdir, "overlay.img")
-        self.console_log = os.path.join(self.workdir, "console.log")
-        self.qemu_log = os.path.join(self.workdir, "qemu.log")
 
     # Lifecycle
-
-    def __enter__(self):
-        if self._entered:
-            raise GuestStateError("this Guest is already in use by a with block")
-        self._entered = True
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-
-    @property
-    def state(self):
-        """"created", "running", "stopped" (after kill(), shutdown() or a guest poweroff) or "closed"."""
-        return self._state
-
-    @property
-    def pid(self):
-        process = self._process
-        return process.pid if process is not None else None
-
-    @property
-    def running(self):
-        process = self._process
-        return process is not None and process.poll() is None
 
     def start(self, timeout=None):
         """Boot QEMU and wait until the guest's control agent replies; return self.
@@ -251,13 +206,11 @@ class Guest:
         killing QEMU, when the agent does not reply within `timeout` seconds
         (default: boot_timeout).
         """
-        if self._state not in (CREATED, STOPPED):
-            raise GuestStateError("start() needs a created or stopped guest; this one is %s"
-                                  % self._state)
+        self._require(CREATED, STOPPED, action="start()")
         timeout = self.boot_timeout if timeout is None else timeout
         image = self._image or image_builder.build_image()
-        self._prepare_workdir(image)
-        self._argv = self._qemu_argv(image)
+        forwarder = self._prepare_workdir(image)
+        self._argv = self._qemu_argv(image, forwarder)
 
         started = time.monotonic()
         with self._process_lock:
@@ -290,11 +243,6 @@ class Guest:
         with self._request_lock:
             self.boot_id = self._wait_for_agent(previous_boot_id, time.monotonic() + timeout)
         return self.boot_id
-
-    def kill(self):
-        """SIGKILL QEMU, as a power cut would stop the router; the guest's TCP connections close."""
-        self._require(RUNNING, STOPPED, action="kill()")
-        self._stop_process()
 
     def shutdown(self, timeout=60.0):
         """Power the guest off through busybox init (init scripts stopped, disk synced)."""
@@ -331,33 +279,16 @@ class Guest:
         log.info("guest PID %d rebooted in %.1f s, boot id %s", self.pid, self.boot_seconds,
                  self.boot_id)
 
-    def close(self):
-        """Kill QEMU if it runs and remove the sockets; the workdir and its disk stay."""
-        if self._state == CLOSED:
-            return
-        self._stop_process()
-        if self._socket_dir is not None:
-            shutil.rmtree(self._socket_dir, ignore_errors=True)
-            self._socket_dir = None
-        self._state = CLOSED
-
     # Guest access
-
-    def run(self, cmd, timeout=30.0):
-        """Run `cmd` with the guest's /bin/sh and return (exit_status, stdout).
-
-        stderr is left out; use execute() for it. Raises GuestTimeoutError when
-        the command outlives `timeout` seconds (the guest kills its process group).
-        """
-        result = self.execute(cmd, timeout)
-        return result.status, result.stdout
 
     def execute(self, cmd, timeout=30.0):
         """Run `cmd` with the guest's /bin/sh and return a CommandResult.
 
-        The command's stdin is /dev/null and it runs in /root in a session of
-        its own. Jobs it starts in the background keep running after it
-        returns, and their output is discarded.
+        Raises GuestTimeoutError when the command outlives `timeout` seconds
+        (the guest kills its process group). The command's stdin is
+        /dev/null and it runs in /root in a session of its own. Jobs it
+        starts in the background keep running after it returns, and their
+        output is discarded.
         """
         self._require(RUNNING, action="execute()")
         with self._request_lock:
@@ -389,61 +320,20 @@ class Guest:
                                 data=base64.b64encode(chunk).decode("ascii"),
                                 first=index == 0, final=index == len(chunks) - 1, mode=mode)
 
-    def set_link(self, up):
-        """Set the guest NIC's link up or down from the host (QMP set_link).
-
-        With the link down, the guest's TCP connections stay open on both
-        ends but carry nothing, as when a router's uplink cable is pulled.
-        A reboot starts a new QEMU process, whose link is up again.
-        """
-        self._require(RUNNING, action="set_link()")
-        qmp_command(self._socket_path("qmp.sock"), "set_link", {"name": NIC_ID, "up": bool(up)})
-        log.info("guest PID %d link %s", self.pid, "up" if up else "down")
-
-    def read_console(self, size=20000):
-        """Return the last `size` characters of the guest's serial console."""
-        return _read_tail(self.console_log, size)
-
     # Internals
 
-    def _require(self, *states, action):
-        if self._state not in states:
-            raise GuestStateError("%s needs a guest in state %s; this one is %s"
-                                  % (action, " or ".join(states), self._state))
-
     def _prepare_workdir(self, image):
-        """Create the overlay disk on first use and the guestfwd forwarder script."""
+        """Create the overlay disk on first use and write the broker forwarder script.
+
+        Returns the script's path, or None when broker_port is None.
+        """
         if not os.path.exists(self.overlay_disk):
             _copy_sparse(image.overlay_template, self.overlay_disk)
-        if self.broker_port is not None:
-            wrapper = os.path.join(self.workdir, "broker-forward.sh")
-            with open(wrapper, "w") as handle:
-                handle.write("#!/bin/sh\n"
-                             "# QEMU runs this for each guest connection to %s:%d.\n"
-                             "exec '%s' nc 127.0.0.1 %d\n"
-                             % (GUEST_BROKER_HOST, GUEST_BROKER_PORT, image.busybox,
-                                int(self.broker_port)))
-            os.chmod(wrapper, 0o755)
+        return self._write_broker_forwarder(image.busybox)
 
-    def _socket_path(self, name):
-        path = os.path.join(self.workdir, name)
-        if len(path) <= MAX_SOCKET_PATH:
-            return path
-        if self._socket_dir is None:
-            self._socket_dir = tempfile.mkdtemp(prefix="spotfi-qemu-")
-        return os.path.join(self._socket_dir, name)
-
-    def _qemu_argv(self, image):
+    def _qemu_argv(self, image, forwarder):
         self.accelerator = "kvm" if kvm_usable(image.kernel) else "tcg"
-        netdev = "user,id=net0,restrict=on,net=10.0.2.0/24,host=10.0.2.2"
-        if self.broker_port is not None:
-            # The cmd: form starts one forwarder per guest connection, so the
-            # broker gets each guest connection opened and closed on its own.
-            netdev += ",guestfwd=tcp:%s:%d-cmd:%s" % (
-                GUEST_BROKER_HOST, GUEST_BROKER_PORT,
-                os.path.join(self.workdir, "broker-forward.sh"))
-        for host_port, guest_port in self.hostfwd:
-            netdev += ",hostfwd=tcp:127.0.0.1:%d-:%d" % (host_port, guest_port)
+        netdev = user_netdev("net0", forwarder, self.hostfwd)
         append = "console=ttyS0 spotfi.overlay=/dev/vda %s" % self.kernel_args
         return [
             find_qemu(), "-accel", self.accelerator, "-m", self.memory, "-smp", "1",
@@ -468,14 +358,7 @@ class Guest:
             self._console_offset = os.path.getsize(self.console_log)
         except OSError:
             self._console_offset = 0
-        for name in ("control.sock", "qmp.sock"):
-            path = self._socket_path(name)
-            if os.path.exists(path):
-                os.remove(path)
-        with open(self.qemu_log, "ab") as qemu_log:
-            self._process = subprocess.Popen(self._argv, cwd=self.workdir,
-                                             stdin=subprocess.DEVNULL, stdout=qemu_log,
-                                             stderr=subprocess.STDOUT, start_new_session=True)
+        self._process = self._popen_qemu(self._argv, ("control.sock", "qmp.sock"))
         log.info("started QEMU with PID %d (%s, %s)", self._process.pid, self.accelerator,
                  self.memory)
 
@@ -489,7 +372,7 @@ class Guest:
             with self._process_lock:
                 if self._stopping or self._process is not process:
                     return
-                _kill_process_group(process.pid)
+                kill_process_group(process.pid)
                 if self._guest_requested_reboot():
                     self.reboots += 1
                     self._launch()
@@ -555,11 +438,7 @@ class Guest:
             process = self._process
             self._process = None
             if process is not None:
-                if process.poll() is None:
-                    process.kill()
-                    log.info("killed QEMU PID %d", process.pid)
-                process.wait()
-                _kill_process_group(process.pid)
+                kill_qemu(process)
         with self._request_lock:
             if self._channel is not None:
                 self._channel.close()
@@ -570,25 +449,6 @@ class Guest:
             self._watcher = None
         if self._state == RUNNING:
             self._state = STOPPED
-
-    def _failure_detail(self):
-        return "\n--- qemu.log ---\n%s\n--- console.log (end) ---\n%s" % (
-            _read_tail(self.qemu_log, 2000), self.read_console(4000))
-
-
-def _kill_process_group(pgid, grace=0.5):
-    """Give QEMU's children (guestfwd nc processes) `grace` seconds to exit, then SIGKILL the rest."""
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.02)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _copy_sparse(source, target, block=65536):
@@ -608,11 +468,3 @@ def _copy_sparse(source, target, block=65536):
 def _escape(value):
     """Escape a value for a QEMU option list, where a comma is written as two."""
     return value.replace(",", ",,")
-
-
-def _read_tail(path, size):
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()[-size:].decode("utf-8", "replace")
-    except OSError:
-        return ""

@@ -28,19 +28,17 @@ import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
-import tempfile
 import time
 import uuid
 import zlib
 
 from spotfi_qemu import image as image_builder
-from spotfi_qemu.errors import GuestBootError, GuestError, GuestStateError, GuestTimeoutError
-from spotfi_qemu.guest import (GUEST_BROKER_HOST, GUEST_BROKER_PORT, MAX_SOCKET_PATH,
-                               CommandResult, find_qemu, kvm_usable)
-from spotfi_qemu.qmp import qmp_command
+from spotfi_qemu.errors import GuestBootError, GuestError, GuestTimeoutError
+from spotfi_qemu.guest import CommandResult, find_qemu, kvm_usable
+from spotfi_qemu.machine import (CREATED, RUNNING, STOPPED, QemuMachine, connect_unix_socket,
+                                 kill_qemu, user_netdev)
 
 log = logging.getLogger(__name__)
 
@@ -56,70 +54,33 @@ NETWORK_TIMEOUT = 90.0
 PUT_CHUNK_BYTES = 700
 REPLY_MARGIN = 20.0
 
-CREATED, RUNNING, STOPPED, CLOSED = "created", "running", "stopped", "closed"
 
-
-class OpenWrtGuest:
+class OpenWrtGuest(QemuMachine):
     """One OpenWrt x86-64 VM on a copy of a combined image, controlled through ttyS0.
 
     `image_path` is an OpenWrt x86-64 combined image (.img or .img.gz,
     ext4 or squashfs); it is copied into `workdir` on the first start and
     never changed. `transfer_dir`, when given, becomes the second disk.
+    set_link() switches the wan NIC.
     """
+
+    LINK_NIC_ID = WAN_NIC_ID
+    SOCKET_DIR_PREFIX = "spotfi-openwrt-"
 
     def __init__(self, workdir, broker_port, image_path, transfer_dir=None, memory="256M",
                  boot_timeout=DEFAULT_BOOT_TIMEOUT):
-        self.workdir = os.path.abspath(workdir)
-        self.broker_port = broker_port
+        super().__init__(workdir, broker_port, memory, boot_timeout)
         self.image_path = image_path
         self.transfer_dir = transfer_dir
-        self.memory = memory
-        self.boot_timeout = boot_timeout
-        self.boot_id = None
-        self.boot_seconds = None
-        self.accelerator = None
-        self._state = CREATED
-        self._process = None
         self._console = None
-        self._socket_dir = None
-        if "," in self.workdir:
-            raise GuestError("workdir %r contains a comma, which QEMU options cannot take "
-                             "unescaped; choose another directory" % self.workdir)
-        os.makedirs(self.workdir, exist_ok=True)
         self.disk = os.path.join(self.workdir, "openwrt.img")
         self.transfer_disk = os.path.join(self.workdir, "transfer.img")
-        self.console_log = os.path.join(self.workdir, "console.log")
-        self.qemu_log = os.path.join(self.workdir, "qemu.log")
-
-    def __enter__(self):
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc_info):
-        self.close()
-
-    @property
-    def state(self):
-        return self._state
-
-    @property
-    def pid(self):
-        return self._process.pid if self._process is not None else None
-
-    @property
-    def running(self):
-        return self._process is not None and self._process.poll() is None
 
     # Lifecycle
 
     def start(self, timeout=None):
         """Boot QEMU, open the console's root shell and wait for the wan interface; return self."""
-        if self._state not in (CREATED, STOPPED):
-            raise GuestStateError("start() needs a created or stopped guest; this one is %s"
-                                  % self._state)
+        self._require(CREATED, STOPPED, action="start()")
         started = time.monotonic()
         deadline = started + (self.boot_timeout if timeout is None else timeout)
         self._prepare_disks()
@@ -155,25 +116,7 @@ class OpenWrtGuest:
             raise GuestBootError("the boot id %s did not change across reboot()" % old_boot_id)
         self.boot_seconds = time.monotonic() - started
 
-    def kill(self):
-        """SIGKILL QEMU, as a power cut would stop the router."""
-        self._require(RUNNING, STOPPED, action="kill()")
-        self._stop_process()
-
-    def close(self):
-        if self._state == CLOSED:
-            return
-        self._stop_process()
-        if self._socket_dir is not None:
-            shutil.rmtree(self._socket_dir, ignore_errors=True)
-            self._socket_dir = None
-        self._state = CLOSED
-
     # Guest access
-
-    def run(self, cmd, timeout=30.0):
-        result = self.execute(cmd, timeout)
-        return result.status, result.stdout
 
     def execute(self, cmd, timeout=30.0):
         """Run `cmd` in a subshell of the console's root shell and return a CommandResult.
@@ -220,24 +163,7 @@ class OpenWrtGuest:
         self._checked("chmod %o %s && mv %s %s" % (mode, _quote(temporary), _quote(temporary),
                                                    _quote(guest_path)))
 
-    def set_link(self, up):
-        """Set the wan NIC's link up or down from the host (QMP set_link)."""
-        self._require(RUNNING, action="set_link()")
-        qmp_command(self._socket_path("qmp.sock"), "set_link", {"name": WAN_NIC_ID, "up": bool(up)})
-
-    def read_console(self, size=20000):
-        try:
-            with open(self.console_log, "rb") as handle:
-                return handle.read()[-size:].decode("utf-8", "replace")
-        except OSError:
-            return ""
-
     # Internals
-
-    def _require(self, *states, action):
-        if self._state not in states:
-            raise GuestStateError("%s needs a guest in state %s; this one is %s"
-                                  % (action, " or ".join(states), self._state))
 
     def _checked(self, cmd):
         result = self.execute(cmd)
@@ -252,25 +178,10 @@ class OpenWrtGuest:
         if self.transfer_dir is not None:
             _make_transfer_disk(self.transfer_dir, self.transfer_disk)
 
-    def _socket_path(self, name):
-        path = os.path.join(self.workdir, name)
-        if len(path) <= MAX_SOCKET_PATH:
-            return path
-        if self._socket_dir is None:
-            self._socket_dir = tempfile.mkdtemp(prefix="spotfi-openwrt-")
-        return os.path.join(self._socket_dir, name)
-
     def _qemu_argv(self):
         stand_in = image_builder.build_image()
         self.accelerator = "kvm" if kvm_usable(stand_in.kernel) else "tcg"
-        wan = "user,id=wan0,restrict=on,net=10.0.2.0/24,host=10.0.2.2"
-        if self.broker_port is not None:
-            forwarder = os.path.join(self.workdir, "broker-forward.sh")
-            with open(forwarder, "w") as handle:
-                handle.write("#!/bin/sh\nexec '%s' nc 127.0.0.1 %d\n"
-                             % (stand_in.busybox, int(self.broker_port)))
-            os.chmod(forwarder, 0o755)
-            wan += ",guestfwd=tcp:%s:%d-cmd:%s" % (GUEST_BROKER_HOST, GUEST_BROKER_PORT, forwarder)
+        wan = user_netdev("wan0", self._write_broker_forwarder(stand_in.busybox))
         argv = [
             find_qemu(), "-accel", self.accelerator, "-m", self.memory, "-smp", "1",
             "-nodefaults", "-no-user-config", "-display", "none",
@@ -289,14 +200,7 @@ class OpenWrtGuest:
         return argv
 
     def _launch(self):
-        argv = self._qemu_argv()
-        for name in ("console.sock", "qmp.sock"):
-            if os.path.exists(self._socket_path(name)):
-                os.remove(self._socket_path(name))
-        with open(self.qemu_log, "ab") as qemu_log:
-            self._process = subprocess.Popen(argv, cwd=self.workdir, stdin=subprocess.DEVNULL,
-                                             stdout=qemu_log, stderr=subprocess.STDOUT,
-                                             start_new_session=True)
+        self._process = self._popen_qemu(self._qemu_argv(), ("console.sock", "qmp.sock"))
         log.info("started OpenWrt QEMU with PID %d (%s)", self._process.pid, self.accelerator)
         self._console = SerialConsole(self._socket_path("console.sock"), self._process)
 
@@ -341,24 +245,9 @@ class OpenWrtGuest:
             self._console.close()
             self._console = None
         if process is not None:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_qemu(process, grace=0.0)
         if self._state == RUNNING:
             self._state = STOPPED
-
-    def _failure_detail(self):
-        try:
-            with open(self.qemu_log, "rb") as handle:
-                qemu_output = handle.read()[-2000:].decode("utf-8", "replace")
-        except OSError:
-            qemu_output = ""
-        return "\n--- qemu.log ---\n%s\n--- console.log (end) ---\n%s" % (
-            qemu_output, self.read_console(4000))
 
 
 class SerialConsole:
@@ -367,18 +256,8 @@ class SerialConsole:
     def __init__(self, path, process, connect_timeout=10.0):
         self._buffer = b""
         self._process = process
-        deadline = time.monotonic() + connect_timeout
-        while True:
-            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self._socket.connect(path)
-                break
-            except OSError as error:
-                self._socket.close()
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise GuestError("cannot connect to the serial console %s: %s"
-                                     % (path, error)) from None
-                time.sleep(0.05)
+        self._socket = connect_unix_socket(path, "the serial console", connect_timeout,
+                                           is_alive=lambda: process.poll() is None)
 
     def send(self, data):
         self._socket.sendall(data)
