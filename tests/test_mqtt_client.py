@@ -9,7 +9,6 @@ fall-back and broker DISCONNECT cases also run through the paho adapter.
 """
 
 import logging
-import os
 import socket
 import struct
 import threading
