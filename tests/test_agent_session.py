@@ -227,8 +227,9 @@ def test_info_masks_token(mosquitto, router_factory):
     assert "127.0.0.1:%d" % mosquitto.port in result.stdout
 
 
-def test_check_reports_success(mosquitto, router_factory):
-    router = router_factory("check-router", [mosquitto.port])
+@pytest.mark.parametrize("transport", ["native", "paho"])
+def test_check_reports_success(mosquitto, router_factory, transport):
+    router = router_factory("check-router-%s" % transport, [mosquitto.port], transport=transport)
     result = subprocess.run([sys.executable, "-m", "spotfi_agent", "--root", router.root, "check"],
                             env=router.environment(), capture_output=True, text=True, timeout=30)
 

@@ -1244,9 +1244,8 @@ def test_installed_paho_with_addon_goes_online(installed_root, paho_ipk, mosquit
     paho_ipk.extract_data(str(installed_root))
     write_agent_config(installed_root, RIGHT_TOKEN, mosquitto.port, transport="paho",
                        router_id=router_id)
-    # NOTE: `spotfi-agent check` with transport 'paho' hangs, because it
-    # disconnects from inside paho's on_connect callback and paho-mqtt 2.1's
-    # callback lock is not reentrant. So this test starts `run` instead.
+    check_command, env = installed_command(installed_root, tmp_path, ["check"], sys.executable)
+    check = subprocess.run(check_command, env=env, capture_output=True, text=True, timeout=30)
     command, env = installed_command(installed_root, tmp_path, ["run"], sys.executable)
     log_path = tmp_path / "agent.log"
     observer = MqttObserver(mosquitto.port, [status_topic])
@@ -1256,11 +1255,6 @@ def test_installed_paho_with_addon_goes_online(installed_root, paho_ipk, mosquit
                                      stderr=subprocess.STDOUT)
         try:
             observer.wait_for(status_topic, lambda payload: payload == b"ONLINE", timeout=30)
-            # NOTE: only the output up to ONLINE is checked. At SIGTERM,
-            # PahoClient.disconnect() calls loop_write() after paho's
-            # on_disconnect callback has already dropped the client, and the
-            # agent logs the AttributeError with a traceback.
-            output = log_path.read_text()
         finally:
             agent.terminate()
             try:
@@ -1268,11 +1262,15 @@ def test_installed_paho_with_addon_goes_online(installed_root, paho_ipk, mosquit
             except subprocess.TimeoutExpired:
                 agent.kill()
                 agent.wait(timeout=30)
+        observer.wait_for(status_topic, lambda payload: payload == b"OFFLINE", timeout=30)
         # Remove the retained status from the session broker.
         observer.publish(status_topic, b"", retain=True)
     finally:
         observer.close()
+    output = log_path.read_text()
 
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "OK: connected" in check.stdout
     assert "Traceback" not in output, output
     assert RIGHT_TOKEN not in log_path.read_text()
 

@@ -188,9 +188,18 @@ class PahoClient:
             self._paho.publish(topic, payload, qos, retain,
                                self._paho_properties(message_properties))
         self._update_writer()
+        session_present = bool(flags.get("session present", 0) if isinstance(flags, dict)
+                               else getattr(flags, "session_present", False))
+        # The owner hears of the connection on the next loop turn, outside
+        # paho's callback: paho 2.x holds a lock there that its disconnect()
+        # also takes, so `spotfi-agent check` disconnecting at once hung.
+        self.loop.call_soon(self._report_connected, self._paho, session_present)
+
+    def _report_connected(self, paho_client, session_present):
+        if self._paho is not paho_client or not self._connected:
+            return
         if self.on_connect is not None:
-            self.on_connect(bool(flags.get("session present", 0) if isinstance(flags, dict)
-                                 else getattr(flags, "session_present", False)))
+            self.on_connect(session_present)
 
     def _fall_back_to_mqtt311(self, client, code):
         self._mqtt311_peers.add(self.peer)
