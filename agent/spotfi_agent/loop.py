@@ -31,6 +31,12 @@ class Timer:
 
     def cancel(self):
         self.cancelled = True
+        # A cancelled timer stays in the loop's heap until it is due, which
+        # for an RPC timeout is half a minute later. Dropping the callback
+        # now frees what it refers to (a finished command and its output);
+        # on a small MicroPython heap, hundreds of them ran it out of memory.
+        self.callback = None
+        self.args = ()
 
 
 class Loop:

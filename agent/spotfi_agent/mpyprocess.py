@@ -67,12 +67,15 @@ def shell_quote(text):
 
 
 def _read_head(path, size):
-    """Return up to `size` bytes from the start of path, or b"" when it is missing."""
+    """Return (up to `size` bytes from the start of path, its whole length); (b"", 0) when missing."""
     try:
-        with open(path, "rb") as handle:
-            return handle.read(size)
+        length = os.stat(path)[6]
     except OSError:
-        return b""
+        return b"", 0
+    # MicroPython's read(n) allocates n bytes first, so never ask for more
+    # than the file holds.
+    with open(path, "rb") as handle:
+        return handle.read(min(length, size)), length
 
 
 class ShellJob:
@@ -109,7 +112,12 @@ class ShellJob:
         if self._finished:
             return
         if is_file(self.prefix + ".status"):
-            self._collect()
+            try:
+                self._collect()
+            except (OSError, MemoryError) as error:
+                # A large output may not fit in a small MicroPython heap.
+                self.result.error = "cannot read the output of %s: %s" % (self.argv[0], error)
+                self._finish()
             return
         if self._killed_at is not None:
             if self.loop.time() - self._killed_at > KILL_WAIT:
@@ -121,17 +129,16 @@ class ShellJob:
 
     def _collect(self):
         for name, suffix in (("stdout", ".out"), ("stderr", ".err")):
-            data = _read_head(self.prefix + suffix, self.output_cap + 1)
-            if len(data) > self.output_cap:
+            data, length = _read_head(self.prefix + suffix, self.output_cap)
+            if length > self.output_cap:
                 self.result.truncated = True
-                data = data[:self.output_cap]
             setattr(self.result, name, data)
         if not self.result.timed_out:
             self.result.status = self._read_status()
         self._finish()
 
     def _read_status(self):
-        text = _read_head(self.prefix + ".status", 16).strip()
+        text = _read_head(self.prefix + ".status", 16)[0].strip()
         try:
             status = int(text)
         except ValueError:
@@ -163,7 +170,7 @@ class ShellJob:
         # The pid file may not exist yet when the job has only just started;
         # _poll() then tries again.
         try:
-            pid = int(_read_head(self.prefix + ".pid", 16).strip())
+            pid = int(_read_head(self.prefix + ".pid", 16)[0].strip())
         except ValueError:
             return
         # NOTE: only the command itself is killed. Processes it started

@@ -29,6 +29,7 @@ except ImportError:  # MicroPython
     _ASCII_HOST_AS_BYTES = False
 
 from spotfi_agent import mqttcodec
+from spotfi_agent.compat import MICROPYTHON
 from spotfi_agent.log import get_logger
 
 log = get_logger(__name__)
@@ -71,7 +72,9 @@ CONNECTED = "connected"
 
 MAX_INCOMING_PACKET = 2 * 1024 * 1024
 MAX_QUEUED_QOS1 = 200
-READ_SIZE = 65536
+# MicroPython's recv(n) allocates n bytes before it reads. Repeated 64 KB
+# requests fragment a heap of a few MB until one fails, so it reads less.
+READ_SIZE = 4096 if MICROPYTHON else 65536
 
 # The MQTT 5 Receive Maximum when the broker's CONNACK does not set one, and
 # under MQTT 3.1.1, which has no such limit.

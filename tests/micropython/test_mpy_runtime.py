@@ -49,6 +49,16 @@ def test_loop_timers_run_in_order():
     assert calls == ["soon", "early", "late"]
 
 
+def test_loop_cancel_releases_callback():
+    loop = Loop()
+    output = bytearray(100000)
+    timer = loop.call_later(30.0, output.extend, output)
+    timer.cancel()
+    # The timer stays queued until it is due; it must not keep its arguments alive.
+    assert timer.callback is None
+    assert timer.args == ()
+
+
 def test_loop_survives_failing_callback():
     loop = Loop()
     calls = []
