@@ -48,6 +48,14 @@ def rss_kib(pid):
 
 
 def cpu_seconds(pid):
+    # schedstat counts nanoseconds. The utime and stime of /proc/PID/stat
+    # count clock ticks (10 ms here), too coarse for the few milliseconds an
+    # idle agent uses in a minute.
+    try:
+        with open("/proc/%d/schedstat" % pid) as handle:
+            return int(handle.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
     with open("/proc/%d/stat" % pid) as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
