@@ -5,6 +5,7 @@ missing server binary skips the tests that need it, except under CI=true,
 where it fails them: CI must install what the suite needs.
 """
 
+import logging
 import os
 import sys
 
@@ -56,3 +57,34 @@ def redis_server(tmp_path_factory):
     service.start()
     yield service
     service.stop()
+
+
+class LogCollector(logging.Handler):
+    """Log records of the agent, kept for a test to inspect."""
+
+    def __init__(self):
+        logging.Handler.__init__(self, logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def messages(self, level=logging.WARNING):
+        """Return the messages logged at `level` or above."""
+        return [record.getMessage() for record in self.records if record.levelno >= level]
+
+    def warnings(self):
+        return self.messages(logging.WARNING)
+
+
+@pytest.fixture
+def logs():
+    """Records of the spotfi_agent loggers, collected even when propagation is off."""
+    logger = logging.getLogger("spotfi_agent")
+    collector = LogCollector()
+    old_level = logger.level
+    logger.addHandler(collector)
+    logger.setLevel(logging.DEBUG)
+    yield collector
+    logger.removeHandler(collector)
+    logger.setLevel(old_level)

@@ -12,31 +12,6 @@ from spotfi_agent.handlers import Handler, HandlerArgumentError, HandlerRegistry
 GOOD = {"path": "ops", "method": "good", "command": ["/bin/echo", "ok"]}
 
 
-class LogCollector(logging.Handler):
-    def __init__(self):
-        logging.Handler.__init__(self, logging.DEBUG)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-    def messages(self, level):
-        return [record.getMessage() for record in self.records if record.levelno == level]
-
-
-@pytest.fixture
-def logs():
-    """Records of the spotfi_agent loggers, collected even when propagation is off."""
-    logger = logging.getLogger("spotfi_agent")
-    collector = LogCollector()
-    old_level = logger.level
-    logger.addHandler(collector)
-    logger.setLevel(logging.DEBUG)
-    yield collector
-    logger.removeHandler(collector)
-    logger.setLevel(old_level)
-
-
 @pytest.fixture
 def handlers_dir(tmp_path):
     directory = tmp_path / "handlers.d"

@@ -8,7 +8,6 @@ version (its option accept_protocol_versions came with 2.1). The MQTT 5
 fall-back and broker DISCONNECT cases also run through the paho adapter.
 """
 
-import logging
 import socket
 import struct
 import threading
@@ -51,31 +50,6 @@ class Recorder:
 
     def on_message(self, topic, payload, qos, retain, properties):
         self.messages.append((topic, payload, qos, retain, properties))
-
-
-class LogCollector(logging.Handler):
-    def __init__(self):
-        logging.Handler.__init__(self, logging.DEBUG)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-    def warnings(self):
-        return [record.getMessage() for record in self.records if record.levelno >= logging.WARNING]
-
-
-@pytest.fixture
-def logs():
-    """Records of the spotfi_agent loggers, collected even when propagation is off."""
-    logger = logging.getLogger("spotfi_agent")
-    collector = LogCollector()
-    old_level = logger.level
-    logger.addHandler(collector)
-    logger.setLevel(logging.DEBUG)
-    yield collector
-    logger.removeHandler(collector)
-    logger.setLevel(old_level)
 
 
 def connect(loop, client, recorder, port, connects=1):

@@ -74,31 +74,6 @@ class CollectingContext:
         return self.results()
 
 
-class LogCollector(logging.Handler):
-    def __init__(self):
-        logging.Handler.__init__(self, logging.DEBUG)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-    def messages(self, level=logging.WARNING):
-        return [record.getMessage() for record in self.records if record.levelno >= level]
-
-
-@pytest.fixture
-def logs():
-    """Records of the spotfi_agent loggers, collected even when propagation is off."""
-    logger = logging.getLogger("spotfi_agent")
-    collector = LogCollector()
-    old_level = logger.level
-    logger.addHandler(collector)
-    logger.setLevel(logging.DEBUG)
-    yield collector
-    logger.removeHandler(collector)
-    logger.setLevel(old_level)
-
-
 @pytest.fixture
 def make_dispatcher(tmp_path):
     dispatchers = []
