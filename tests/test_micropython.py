@@ -242,8 +242,14 @@ def test_agent_runs_under_micropython(micropython, mosquitto, tmp_path):
                         options={"metrics_interval": "5"})
     router.add_handler_file("uname.json", {"handlers": [
         {"path": "ops", "method": "uname", "command": ["uname", "{args.flag}"], "timeout": 5}]})
+    # The agent's shell jobs write their files to its own TMPDIR, so that
+    # other agents' jobs on this host do not show up in the checks below.
+    job_dir = tmp_path / "jobs"
+    job_dir.mkdir()
+    base_environment = router.environment
+    router.environment = lambda: dict(base_environment(), TMPDIR=str(job_dir))
     # A job file as an agent stopped two hours ago would have left it.
-    stale = "/tmp/spotfi-agent-job-stale%d.out" % os.getpid()
+    stale = str(job_dir / "spotfi-agent-job-stale.out")
     with open(stale, "w") as handle:
         handle.write("left behind")
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
@@ -297,8 +303,8 @@ def test_agent_runs_under_micropython(micropython, mosquitto, tmp_path):
         assert "no ffi module" in error["error"]
         assert not os.path.exists(stale)
         # Metrics start a job every 5 s, so wait for a moment with none running.
-        wait_until(lambda: not glob.glob("/tmp/spotfi-agent-job-*"), 10, interval=0.05,
-                   message="no shell job files left in /tmp")
+        wait_until(lambda: not os.listdir(str(job_dir)), 10, interval=0.05,
+                   message="no shell job files left in %s" % job_dir)
 
         log = router.log_text()
         assert "Traceback" not in log, log

@@ -5,9 +5,9 @@ The unix port's os module offers system() but no fork, exec, pipe or
 waitpid, and system() waits for its command. So each command starts as a
 background job of /bin/sh: system() returns once the shell has put the job
 in the background, the job writes its output and exit status to files under
-/tmp, and a loop timer polls for the status file. The command's arguments
-reach the job single-quoted, as positional parameters that it runs as
-"$@", so no part of a request is ever read as shell syntax.
+$TMPDIR (/tmp by default), and a loop timer polls for the status file. The
+command's arguments reach the job single-quoted, as positional parameters
+that it runs as "$@", so no part of a request is ever read as shell syntax.
 """
 
 import binascii
@@ -17,7 +17,12 @@ import time
 from spotfi_agent.compat import is_file
 from spotfi_agent.procrun import CommandResult
 
-TEMP_DIR = "/tmp"
+DEFAULT_TEMP_DIR = "/tmp"
+
+
+def temp_dir():
+    """Return the folder for job files: $TMPDIR, else /tmp."""
+    return os.getenv("TMPDIR") or DEFAULT_TEMP_DIR
 
 # The job runs the command with its output in files, then writes its exit
 # status to a file of its own, renamed into place so that it is complete
@@ -89,7 +94,7 @@ class ShellJob:
         self.callback = callback
         self.output_cap = output_cap
         self.result = CommandResult()
-        self.prefix = "%s/spotfi-agent-job-%s" % (TEMP_DIR, binascii.hexlify(os.urandom(8)).decode())
+        self.prefix = "%s/spotfi-agent-job-%s" % (temp_dir(), binascii.hexlify(os.urandom(8)).decode())
         self._finished = False
         self._killed_at = None
         self._poll_delay = FIRST_POLL
@@ -215,18 +220,19 @@ _stale_checked = [False]
 
 
 def remove_stale_job_files(now=None):
-    """Remove the job files that an earlier agent left in TEMP_DIR; return how many."""
+    """Remove the job files that an earlier agent left in temp_dir(); return how many."""
     if now is None:
         now = time.time()
     removed = 0
     try:
-        names = os.listdir(TEMP_DIR)
+        directory = temp_dir()
+        names = os.listdir(directory)
     except OSError:
         return 0
     for name in names:
         if not name.startswith("spotfi-agent-job-"):
             continue
-        path = TEMP_DIR + "/" + name
+        path = directory + "/" + name
         try:
             if now - os.stat(path)[8] > STALE_AFTER:
                 os.remove(path)
