@@ -88,3 +88,24 @@ def logs():
     yield collector
     logger.removeHandler(collector)
     logger.setLevel(old_level)
+
+
+@pytest.fixture
+def mqtt311_broker(tmp_path):
+    """An amqtt broker of the test's own: a real broker that supports only MQTT 3.1.1.
+
+    amqtt comes from requirements/dev.txt, not from the system. A missing
+    amqtt means a stale virtual environment, so the test fails instead of
+    being skipped, in CI and outside it.
+    """
+    try:
+        service = localservices.amqtt(str(tmp_path / "amqtt"))
+    except localservices.ServiceError as error:
+        pytest.fail(str(error))
+    try:
+        service.start()
+    except localservices.ServiceError:
+        service.stop()
+        raise
+    yield service
+    service.stop()

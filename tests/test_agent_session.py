@@ -2,6 +2,7 @@
 and where RPC results go over MQTT 5.
 
 Each case runs with both transports (the agent's own client and paho-mqtt).
+The last cases run against amqtt, a real broker that supports only MQTT 3.1.1.
 """
 
 import json
@@ -17,6 +18,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+import localservices
 from harness import HostRouter, MqttObserver, fresh_status, wait_until
 
 TRANSPORTS = ["native", "paho"]
@@ -450,3 +452,67 @@ def test_mqtt311_option_uses_field_only(mosquitto, router_factory, requester_fac
     assert plain_correlation is None
     assert "with MQTT 3.1.1" in router.log_text()
     assert "as router-%s (p2," % router_id in mosquitto.log_tail(10 ** 8)
+
+
+# A real broker that supports only MQTT 3.1.1 (amqtt).
+
+
+def retained_status(port, router_id):
+    """Return the retained status a new MQTT 3.1.1 subscriber gets, or None after 1 s."""
+    try:
+        return fresh_status(port, router_id, timeout=1.0)
+    except AssertionError:
+        return None
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_mqtt311_broker_default_settings_never_connect(mqtt311_broker, router_factory,
+                                                       transport):
+    # NOTE: with the default mqtt_version 5 the agent never reaches amqtt
+    # 0.12.1. amqtt reads the agent's MQTT 5 CONNECT as MQTT 3.1.1, so the
+    # property length bytes shift the Will and username fields, and it waits
+    # for bytes that never come. It sends no CONNACK, so the return code 1
+    # that starts the fall-back never arrives: the native client gives up
+    # after its 10 s CONNACK timeout, paho after the keepalive, and each next
+    # attempt is MQTT 5 again. Routers need mqtt_version 3.1.1 for amqtt.
+    router_id = "amqtt-default-%s" % transport
+    router = router_factory(router_id, [mqtt311_broker.port], transport=transport).start()
+
+    wait_until(lambda: "cannot connect to mqtt://127.0.0.1:%d" % mqtt311_broker.port
+               in router.log_text(), 30, interval=0.2, message="the first failed attempt")
+    levels = localservices.amqtt_connect_levels(mqtt311_broker)
+    router.stop()
+
+    assert levels
+    assert set(levels) == {5}
+    assert "connected to" not in router.log_text()
+    assert "rejected MQTT 5" not in router.log_text()
+    assert retained_status(mqtt311_broker.port, router_id) is None
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_mqtt311_broker_online_rpc_and_will(mqtt311_broker, router_factory, transport):
+    router_id = "amqtt-%s" % transport
+    router = router_factory(router_id, [mqtt311_broker.port], transport=transport,
+                            options={"mqtt_version": "3.1.1"}).start()
+    wait_until(lambda: "connected to" in router.log_text(), 10, message="agent connected")
+    online = fresh_status(mqtt311_broker.port, router_id)
+
+    observer = MqttObserver(mqtt311_broker.port, ["spotfi/router/%s/rpc/response" % router_id])
+    try:
+        observer.publish("spotfi/router/%s/rpc/request" % router_id, json.dumps(ping("amqtt-1")))
+        payload, _ = observer.wait_for("spotfi/router/%s/rpc/response" % router_id)
+    finally:
+        observer.close()
+    result = json.loads(payload)
+
+    router.kill()
+    wait_until(lambda: retained_status(mqtt311_broker.port, router_id) == ("OFFLINE", True),
+               10, message="retained OFFLINE after kill -9")
+
+    assert online == ("ONLINE", True)
+    assert result["id"] == "amqtt-1"
+    assert result["status"] == "success"
+    assert result["result"]["pong"] is True
+    assert "with MQTT 3.1.1" in router.log_text()
+    assert set(localservices.amqtt_connect_levels(mqtt311_broker)) == {4}

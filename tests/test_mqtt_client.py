@@ -2,9 +2,12 @@
 
 `silent_broker` is a loopback TCP server that sends CONNACK and then nothing
 more. It injects the dead-peer fault that a real broker cannot be made to
-show on demand. `mqtt311_broker_test_double` replaces a broker that supports
-only MQTT 3.1.1, because mosquitto 2.0 cannot be limited to one protocol
-version (its option accept_protocol_versions came with 2.1). The MQTT 5
+show on demand. The fall-back from MQTT 5 runs against amqtt
+(`mqtt311_broker`), a real broker that supports only MQTT 3.1.1.
+`mqtt311_broker_test_double` remains only for the refusal with MQTT 5
+reason code 0x84, which no broker on this machine sends. amqtt refuses with
+the MQTT 3.1.1 return code 1, and mosquitto 2.0 cannot be limited to one
+protocol version (its option accept_protocol_versions came with 2.1). The MQTT 5
 fall-back and broker DISCONNECT cases also run through the paho adapter.
 """
 
@@ -403,16 +406,98 @@ def test_client_v5_refusal_names_reason(tmp_path, logs):
     assert logs.warnings() == []
 
 
-class Mqtt311BrokerTestDouble:
-    """A loopback server in place of a broker that supports only MQTT 3.1.1.
+def wait_for_connect_levels(broker, expected, timeout=5.0):
+    """Return the protocol levels of amqtt's logged CONNECTs once they equal `expected`.
 
-    It answers a CONNECT of protocol level 5 with `refusal` and closes the
-    connection, and accepts level 4, then answers PINGREQ until the client
-    leaves. `levels` lists the protocol level of each CONNECT received.
+    After `timeout` seconds the levels logged so far are returned, so the
+    caller's assert shows them.
+    """
+    deadline = time.monotonic() + timeout
+    levels = localservices.amqtt_connect_levels(broker)
+    while levels != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+        levels = localservices.amqtt_connect_levels(broker)
+    return levels
+
+
+def round_trip(loop, client, recorder, topic, payload):
+    """Publish `payload` at QoS 1 to a topic the client subscribes to and wait for it."""
+    received = len(recorder.messages)
+    client.publish(topic, payload, 1)
+    run_until(loop, lambda: len(recorder.messages) > received, 5)
+    return recorder.messages[received][:2]
+
+
+# amqtt 0.12.1 decodes every CONNECT payload as MQTT 3.1.1 and checks the
+# protocol level only afterwards. An MQTT 5 CONNECT with a Will or a username
+# therefore leaves it waiting for bytes that never come, and only a CONNECT
+# with neither gets return code 1. These clients set neither. The agent sets
+# both, so test_agent_session.py shows what it gets from amqtt.
+@pytest.mark.parametrize("client_class", [MqttClient, PahoClient], ids=["native", "paho"])
+def test_client_falls_back_to_mqtt311(mqtt311_broker, logs, client_class):
+    loop = Loop()
+    client = client_class(loop, "v5-fallback", keepalive=30)
+    recorder = Recorder(client)
+    client.subscribe([("test/fallback/#", 1)])
+
+    connect(loop, client, recorder, mqtt311_broker.port)
+    first_version = client.protocol_version
+    first_message = round_trip(loop, client, recorder, "test/fallback/first", b"one")
+    client.disconnect()
+    run_until(loop, lambda: recorder.disconnects, 5)
+    connect(loop, client, recorder, mqtt311_broker.port, connects=2)
+    second_version = client.protocol_version
+    second_message = round_trip(loop, client, recorder, "test/fallback/second", b"two")
+    client.disconnect()
+    run_until(loop, lambda: len(recorder.disconnects) == 2, 5)
+
+    assert wait_for_connect_levels(mqtt311_broker, [5, 4, 4]) == [5, 4, 4]
+    assert first_version == "3.1.1"
+    assert second_version == "3.1.1"
+    assert first_message == ("test/fallback/first", b"one")
+    assert second_message == ("test/fallback/second", b"two")
+    assert [reason for reason, was_connected in recorder.disconnects] == \
+        ["disconnected by the agent"] * 2
+    warnings = logs.warnings()
+    assert len(warnings) == 1
+    assert "broker 127.0.0.1:%d rejected MQTT 5" % mqtt311_broker.port in warnings[0]
+    assert "MQTT 3.1.1" in warnings[0]
+    if client_class is MqttClient:
+        assert "with CONNACK code 1;" in warnings[0]
+    else:
+        # paho-mqtt 2.1 turns the MQTT 3.1.1 return code 1 into reason code 0x84.
+        assert "(reason code 0x84)" in warnings[0]
+
+
+@pytest.mark.parametrize("client_class", [MqttClient, PahoClient], ids=["native", "paho"])
+def test_client_mqtt311_option_skips_version_5(mqtt311_broker, logs, client_class):
+    loop = Loop()
+    client = client_class(loop, "v311-direct", keepalive=30, mqtt_version="3.1.1")
+    recorder = Recorder(client)
+    client.subscribe([("test/v311/#", 1)])
+
+    connect(loop, client, recorder, mqtt311_broker.port)
+    message = round_trip(loop, client, recorder, "test/v311/direct", b"direct")
+    client.disconnect()
+    run_until(loop, lambda: recorder.disconnects, 5)
+
+    assert wait_for_connect_levels(mqtt311_broker, [4]) == [4]
+    assert message == ("test/v311/direct", b"direct")
+    assert logs.warnings() == []
+
+
+class Mqtt311BrokerTestDouble:
+    """A loopback server in place of a broker that refuses MQTT 5 with reason code 0x84.
+
+    It replies to a CONNECT of protocol level 5 with an MQTT 5 CONNACK of
+    reason code 0x84 (unsupported protocol version) and closes the
+    connection. It accepts level 4 and then replies to PINGREQ until the
+    client leaves. `levels` lists the protocol level of each CONNECT received.
     """
 
-    def __init__(self, refusal):
-        self.refusal = refusal
+    REFUSAL = b"\x20\x03\x00\x84\x00"
+
+    def __init__(self):
         self.levels = []
         self.server = socket.socket()
         self.server.bind(("127.0.0.1", 0))
@@ -460,7 +545,7 @@ class Mqtt311BrokerTestDouble:
         level = body[2 + name_length]
         self.levels.append(level)
         if level != 4:
-            connection.sendall(self.refusal)
+            connection.sendall(self.REFUSAL)
             return
         connection.sendall(b"\x20\x02\x00\x00")
         for _ in range(1000):
@@ -471,23 +556,28 @@ class Mqtt311BrokerTestDouble:
                 connection.sendall(b"\xd0\x00")
 
     def close(self):
+        # On Linux, close() alone does not wake the thread blocked in accept(),
+        # so the join below would wait out its timeout. shutdown() wakes it.
+        try:
+            self.server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.server.close()
         self.thread.join(5)
 
 
-@pytest.fixture(params=[b"\x20\x02\x00\x01", b"\x20\x03\x00\x84\x00"],
-                ids=["mqtt311-connack-code-1", "mqtt5-connack-0x84"])
-def mqtt311_broker_test_double(request):
-    broker = Mqtt311BrokerTestDouble(request.param)
+@pytest.fixture
+def mqtt311_broker_test_double():
+    broker = Mqtt311BrokerTestDouble()
     yield broker
     broker.close()
 
 
 @pytest.mark.parametrize("client_class", [MqttClient, PahoClient], ids=["native", "paho"])
-def test_client_falls_back_to_mqtt311(mqtt311_broker_test_double, logs, client_class):
+def test_client_falls_back_after_reason_0x84(mqtt311_broker_test_double, logs, client_class):
     broker = mqtt311_broker_test_double
     loop = Loop()
-    client = client_class(loop, "v5-fallback", keepalive=30)
+    client = client_class(loop, "v5-fallback-0x84", keepalive=30)
     recorder = Recorder(client)
 
     connect(loop, client, recorder, broker.port)
@@ -505,22 +595,8 @@ def test_client_falls_back_to_mqtt311(mqtt311_broker_test_double, logs, client_c
     warnings = logs.warnings()
     assert len(warnings) == 1
     assert "broker 127.0.0.1:%d rejected MQTT 5" % broker.port in warnings[0]
+    assert "(reason code 0x84)" in warnings[0]
     assert "MQTT 3.1.1" in warnings[0]
-
-
-@pytest.mark.parametrize("client_class", [MqttClient, PahoClient], ids=["native", "paho"])
-def test_client_mqtt311_option_skips_version_5(mqtt311_broker_test_double, logs, client_class):
-    broker = mqtt311_broker_test_double
-    loop = Loop()
-    client = client_class(loop, "v311-direct", keepalive=30, mqtt_version="3.1.1")
-    recorder = Recorder(client)
-
-    connect(loop, client, recorder, broker.port)
-    client.disconnect()
-    run_until(loop, lambda: recorder.disconnects, 5)
-
-    assert broker.levels == [4]
-    assert logs.warnings() == []
 
 
 def test_backoff_full_jitter_within_bounds():

@@ -1,14 +1,16 @@
-"""Start and stop throwaway mosquitto and redis-server processes on 127.0.0.1.
+"""Start and stop throwaway mosquitto, amqtt and redis-server processes on 127.0.0.1.
 
 Used by the test suite, `make demo` and `make bench`. Each service gets a free
 port and its own directory, and is stopped by the PID this module started.
 """
 
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 
@@ -148,6 +150,54 @@ def write_password_file(path, users):
         subprocess.run([tool, "-b", path, username, password], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return path
+
+
+def amqtt(workdir, port=None):
+    """Build (not start) an amqtt broker on 127.0.0.1 that allows anonymous clients.
+
+    amqtt 0.12.1 supports only MQTT 3.1.1, so it is the real broker for the
+    tests of the fall-back from MQTT 5. It runs from the `amqtt` console
+    script beside the running interpreter, which requirements/dev.txt
+    installs. Debug logging makes its log list every packet, which
+    amqtt_connect_levels() reads.
+    """
+    script = os.path.join(os.path.dirname(sys.executable), "amqtt")
+    if not os.access(script, os.X_OK):
+        raise ServiceError("amqtt is not installed beside %s; run `make venv` or "
+                           "`pip install -r requirements/dev.txt`" % sys.executable)
+    port = port or free_port()
+    os.makedirs(workdir, exist_ok=True)
+    conf = os.path.join(workdir, "amqtt.yaml")
+    # Without a `plugins` key amqtt loads its default set, which also
+    # publishes $SYS topics every 20 s, so the two plugins needed are listed.
+    lines = [
+        "listeners:",
+        "  default:",
+        "    type: tcp",
+        "    bind: 127.0.0.1:%d" % port,
+        "plugins:",
+        "  amqtt.plugins.logging_amqtt.PacketLoggerPlugin:",
+        "  amqtt.plugins.authentication.AnonymousAuthPlugin:",
+        "    allow_anonymous: true",
+    ]
+    with open(conf, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    argv = [script, "-c", conf, "-d"]
+    return LocalService("amqtt", argv, port, workdir, os.path.join(workdir, "amqtt.log"))
+
+
+def amqtt_connect_levels(service):
+    """Return the protocol level of each CONNECT that an amqtt service has logged, in order.
+
+    MQTT 3.1.1 is level 4 and MQTT 5 is level 5. amqtt logs a CONNECT
+    shortly after it reads it, so a caller may have to wait for the last one.
+    """
+    try:
+        with open(service.log_path, "rb") as log:
+            text = log.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    return [int(level) for level in re.findall(r"<-in-- ConnectPacket\(.*?proto_level=(\d+)", text)]
 
 
 def redis(workdir, port=None):
