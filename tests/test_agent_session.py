@@ -466,28 +466,32 @@ def retained_status(port, router_id):
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_mqtt311_broker_default_settings_never_connect(mqtt311_broker, router_factory,
-                                                       transport):
-    # NOTE: with the default mqtt_version 5 the agent never reaches amqtt
-    # 0.12.1. amqtt reads the agent's MQTT 5 CONNECT as MQTT 3.1.1, so the
-    # property length bytes shift the Will and username fields, and it waits
-    # for bytes that never come. It sends no CONNACK, so the return code 1
-    # that starts the fall-back never arrives: the native client gives up
-    # after its 10 s CONNACK timeout, paho after the keepalive, and each next
-    # attempt is MQTT 5 again. Routers need mqtt_version 3.1.1 for amqtt.
+def test_mqtt311_broker_default_settings_fall_back(mqtt311_broker, router_factory, transport):
+    # amqtt 0.12.1 reads an MQTT 5 CONNECT as MQTT 3.1.1. With the agent's
+    # will and username in it, amqtt waits for bytes that never come and
+    # sends no CONNACK at all, so no refusal code starts the fall-back. The
+    # unanswered attempt (10 s CONNACK timeout, or paho's keepalive) must.
     router_id = "amqtt-default-%s" % transport
     router = router_factory(router_id, [mqtt311_broker.port], transport=transport).start()
 
-    wait_until(lambda: "cannot connect to mqtt://127.0.0.1:%d" % mqtt311_broker.port
-               in router.log_text(), 30, interval=0.2, message="the first failed attempt")
-    levels = localservices.amqtt_connect_levels(mqtt311_broker)
+    wait_until(lambda: retained_status(mqtt311_broker.port, router_id) == ("ONLINE", True), 60,
+               interval=0.5, message="ONLINE after the unanswered MQTT 5 attempt")
+    first_levels = localservices.amqtt_connect_levels(mqtt311_broker)
+    mqtt311_broker.restart()
+    wait_until(lambda: router.log_text().count("connected to mqtt://") >= 2, 30, interval=0.2,
+               message="a reconnect after the broker restart")
+    later_levels = localservices.amqtt_connect_levels(mqtt311_broker)
     router.stop()
+    log_text = router.log_text()
 
-    assert levels
-    assert set(levels) == {5}
-    assert "connected to" not in router.log_text()
-    assert "rejected MQTT 5" not in router.log_text()
-    assert retained_status(mqtt311_broker.port, router_id) is None
+    # amqtt never finishes reading the MQTT 5 CONNECT, so its log lists
+    # only the MQTT 3.1.1 ones; the agent's log shows the first attempt.
+    assert log_text.count("sent no CONNACK for an MQTT 5 CONNECT") == 1
+    assert log_text.count("sent no CONNACK for MQTT 5 but accepted MQTT 3.1.1") == 1
+    assert "with MQTT 3.1.1" in log_text
+    assert first_levels[-1] == 4
+    # After the restart the broker gets MQTT 3.1.1 straight away.
+    assert set(later_levels[len(first_levels):]) == {4}
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -31,6 +31,7 @@ except ImportError:  # MicroPython
 from spotfi_agent import mqttcodec
 from spotfi_agent.compat import MICROPYTHON
 from spotfi_agent.log import get_logger
+from spotfi_agent.mqttversion import MQTT_5, VersionChooser
 
 log = get_logger(__name__)
 
@@ -99,6 +100,7 @@ def _host_argument(host):
             pass
     return host
 
+
 class MqttError(Exception):
     """Raised when the client is used in a way its state does not allow."""
 
@@ -139,8 +141,8 @@ class MqttClient:
         self._keepalive = keepalive
         self._receive_maximum = DEFAULT_RECEIVE_MAXIMUM
         self._maximum_packet_size = None
-        # Brokers ("host:port") that rejected protocol version 5.
-        self._mqtt311_peers = set()
+        self._versions = VersionChooser(client_id)
+        self._connack_received = False
 
         # QoS 1 messages sent and not acknowledged, by packet id, in send
         # order, then those waiting for a connection or for the broker's
@@ -171,12 +173,12 @@ class MqttClient:
             raise MqttError("connect() while %s to %s" % (self.state, self.peer))
         self.peer = "%s:%d" % (host, port)
         self._target = (host, port, ssl_context, server_hostname)
-        if self.mqtt_version == "3.1.1" or self.peer in self._mqtt311_peers:
-            self._level = mqttcodec.MQTT_V311
-            self.protocol_version = "3.1.1"
-        else:
+        self.protocol_version = self._versions.version_for(self.peer, self.mqtt_version)
+        if self.protocol_version == MQTT_5:
             self._level = mqttcodec.MQTT_V5
-            self.protocol_version = "5"
+        else:
+            self._level = mqttcodec.MQTT_V311
+        self._connack_received = False
         if ssl_context is not None:
             _load_ssl()
         self._closing = False
@@ -512,6 +514,7 @@ class MqttClient:
             raise mqttcodec.ProtocolError("unexpected packet type %d" % packet_type)
 
     def _on_connack(self, session_present, code, properties):
+        self._connack_received = True
         if code and self._level == mqttcodec.MQTT_V5 and code in (1, 0x84):
             # A broker that supports only MQTT 3.1.1 rejects version 5 with its
             # return code 1, unacceptable protocol version. 0x84 is MQTT 5's code.
@@ -526,6 +529,7 @@ class MqttClient:
             return
         self.state = CONNECTED
         self._deadline_timer.cancel()
+        self._versions.accepted(self.peer, self.protocol_version)
         now = self.loop.time()
         self._last_sent = now
         self._last_received = now
@@ -551,14 +555,11 @@ class MqttClient:
             self.on_connect(bool(session_present))
 
     def _fall_back_to_mqtt311(self, code):
-        self._mqtt311_peers.add(self.peer)
         if code >= 0x80:
             refusal = mqttcodec.describe_reason(code)
         else:
             refusal = "CONNACK code %d" % code
-        log.warning("client %s: broker %s rejected MQTT 5 with %s; connecting again with MQTT"
-                    " 3.1.1, which this broker gets from now on", self.client_id, self.peer,
-                    refusal)
+        self._versions.rejected(self.peer, refusal)
         self._close()
         host, port, ssl_context, server_hostname = self._target
         self.connect(host, port, ssl_context, server_hostname)
@@ -617,7 +618,10 @@ class MqttClient:
         was_connected = self.state == CONNECTED
         if self.state == CLOSED:
             return
+        unanswered = self.state == AWAITING_CONNACK and not self._connack_received
         self._close()
+        if unanswered:
+            self._versions.unanswered(self.peer, self.protocol_version)
         if not clean:
             log.debug("connection to %s ended: %s", self.peer, reason)
         if self.on_disconnect is not None:

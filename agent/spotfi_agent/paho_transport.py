@@ -13,9 +13,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from spotfi_agent import mqttcodec
-from spotfi_agent.log import get_logger
-
-log = get_logger(__name__)
+from spotfi_agent.mqttversion import VersionChooser
 
 _PAHO_2 = hasattr(paho, "CallbackAPIVersion")
 
@@ -33,7 +31,9 @@ class PahoClient:
         self.will = will
         self.mqtt_version = mqtt_version
         self.protocol_version = None
-        self._mqtt311_peers = set()
+        self._versions = VersionChooser(client_id)
+        # True from a sent CONNECT until its CONNACK, whatever the answer.
+        self._awaiting_connack = False
         self.on_connect = None
         self.on_disconnect = None
         self.on_message = None
@@ -98,10 +98,7 @@ class PahoClient:
     def connect(self, host, port, ssl_context=None, server_hostname=None):
         self.peer = "%s:%d" % (host, port)
         self._target = (host, port, ssl_context, server_hostname)
-        if self.mqtt_version == "3.1.1" or self.peer in self._mqtt311_peers:
-            self.protocol_version = "3.1.1"
-        else:
-            self.protocol_version = "5"
+        self.protocol_version = self._versions.version_for(self.peer, self.mqtt_version)
         self._paho = self._new_paho()
         if ssl_context is not None:
             self._paho.tls_set_context(ssl_context)
@@ -118,6 +115,7 @@ class PahoClient:
             self._paho = None
             self.loop.call_soon(self._report, "connection to %s failed: %s" % (self.peer, error), False)
             return
+        self._awaiting_connack = True
         sock = self._paho.socket()
         try:
             # paho leaves Nagle's algorithm on, which delays each small reply
@@ -164,6 +162,7 @@ class PahoClient:
         self._update_writer()
 
     def _paho_connected(self, client, userdata, flags, reason_code, properties=None):
+        self._awaiting_connack = False
         code = getattr(reason_code, "value", reason_code)
         if self._mqtt5 and code == 0x84:
             # paho 1.6 and 2.x report an MQTT 3.1.1 broker's refusal of
@@ -180,6 +179,7 @@ class PahoClient:
                          % (self.peer, paho.connack_string(code), code))
             return
         self._connected = True
+        self._versions.accepted(self.peer, self.protocol_version)
         if self._subscriptions:
             self._paho.subscribe(list(self._subscriptions.items()))
         queued = self._queued
@@ -202,10 +202,7 @@ class PahoClient:
             self.on_connect(session_present)
 
     def _fall_back_to_mqtt311(self, client, code):
-        self._mqtt311_peers.add(self.peer)
-        log.warning("client %s: broker %s rejected MQTT 5 with %s; connecting again with MQTT"
-                    " 3.1.1, which this broker gets from now on", self.client_id, self.peer,
-                    mqttcodec.describe_reason(code))
+        self._versions.rejected(self.peer, mqttcodec.describe_reason(code))
         # paho reports the refusal to on_disconnect once this callback returns.
         client.on_connect = None
         client.on_disconnect = None
@@ -265,12 +262,16 @@ class PahoClient:
         if self._paho is None:
             return
         was_connected = self._connected
+        unanswered = self._awaiting_connack
         self._release()
+        if unanswered:
+            self._versions.unanswered(self.peer, self.protocol_version)
         self._report(reason, was_connected)
 
     def _release(self):
         """Drop the paho client and its socket and timer, without callbacks."""
         self._connected = False
+        self._awaiting_connack = False
         if self._fd is not None:
             self.loop.remove_reader(self._fd)
             self.loop.remove_writer(self._fd)

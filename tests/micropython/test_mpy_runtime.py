@@ -9,6 +9,7 @@ from mpytest import TempDir, raises, write_file
 from spotfi_agent import metrics, rpc
 from spotfi_agent.handlers import HandlerArgumentError, HandlerRegistry, parse_template
 from spotfi_agent.loop import Loop
+from spotfi_agent.mqttversion import VersionChooser
 from spotfi_agent.session import Backoff
 from spotfi_agent.topics import Topics
 
@@ -268,3 +269,28 @@ def test_topics_reply_rules():
     topics = Topics("r1")
     assert topics.is_own("spotfi/router/r1/rpc/response")
     assert not topics.is_own(None)
+
+
+def test_version_chooser_unanswered_and_refused():
+    chooser = VersionChooser("router-r1")
+    peer = "broker:1883"
+
+    assert chooser.version_for(peer, "5") == "5"
+    assert chooser.version_for(peer, "3.1.1") == "3.1.1"
+
+    # No CONNACK for MQTT 5: try 3.1.1 once; no answer to that either: back to 5.
+    chooser.unanswered(peer, "5")
+    assert chooser.version_for(peer, "5") == "3.1.1"
+    chooser.unanswered(peer, "3.1.1")
+    assert chooser.version_for(peer, "5") == "5"
+
+    # Unanswered 5, then 3.1.1 accepted: 3.1.1 from then on.
+    chooser.unanswered(peer, "5")
+    chooser.accepted(peer, "3.1.1")
+    chooser.unanswered(peer, "3.1.1")
+    assert chooser.version_for(peer, "5") == "3.1.1"
+
+    # A refusal of version 5 also sticks; other brokers keep 5.
+    chooser.rejected("other:1883", "CONNACK code 1")
+    assert chooser.version_for("other:1883", "5") == "3.1.1"
+    assert chooser.version_for("third:1883", "5") == "5"
