@@ -1,8 +1,10 @@
-"""Shared fixtures: a real mosquitto and redis-server on free 127.0.0.1 ports.
+"""Shared fixtures: real mosquitto, amqtt and redis-server on free 127.0.0.1 ports.
 
 Servers are started by the fixtures and stopped by the PID they started. A
-missing server binary skips the tests that need it, except under CI=true,
-where it fails them: CI must install what the suite needs.
+missing system binary (mosquitto, redis-server) skips the tests that need
+it, except under CI=true, where it fails them: CI must install what the
+suite needs. amqtt comes from the virtual environment, so its absence
+always fails.
 """
 
 import logging
