@@ -205,6 +205,7 @@ def test_broker_restart_reconnects_and_serves_rpc(private_mosquitto, router_fact
     assert result["id"] == "after-restart"
     assert result["status"] == "success"
     assert result["result"]["pong"] is True
+    assert "reconnecting in" in router.log_text()
 
 
 def test_missing_token_exits_2_without_connecting(mosquitto, router_factory):
