@@ -38,9 +38,11 @@ system-deps:
 		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); \
 	fi
 
-$(VENV_STAMP): requirements/agent.txt requirements/dev.txt requirements/refapi.txt
+$(VENV_STAMP): requirements/agent.txt requirements/dev.txt requirements/refapi.txt requirements/paho-1.6.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV_PY) -m pip install -q --disable-pip-version-check -r requirements/dev.txt
+	$(VENV_PY) -m pip install -q --disable-pip-version-check --no-deps --upgrade --target $(VENV)/paho-1.6 \
+		-r requirements/paho-1.6.txt
 	touch $@
 
 venv: $(VENV_STAMP)

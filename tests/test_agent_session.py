@@ -19,7 +19,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 import localservices
-from harness import HostRouter, MqttObserver, fresh_status, wait_until
+from harness import ROOT, HostRouter, MqttObserver, fresh_status, wait_until
 
 TRANSPORTS = ["native", "paho"]
 
@@ -383,6 +383,54 @@ def test_rpc_result_on_mqtt5_response_topic(mosquitto, router_factory, requester
     assert result["status"] == "success"
     assert result["result"]["pong"] is True
     assert len(requester.results("v5-1")) == 1
+
+
+PAHO_1_6_DIR = os.path.join(ROOT, ".venv", "paho-1.6")
+
+
+@pytest.mark.parametrize("mqtt_version", ["5", "3.1.1"])
+def test_paho_1_6_transport_serves_and_stops(mosquitto, router_factory, requester_factory,
+                                             mqtt_version):
+    """The paho transport with paho-mqtt 1.6.1, which `make venv` installs beside the venv."""
+    if not os.path.isdir(os.path.join(PAHO_1_6_DIR, "paho")):
+        pytest.fail("paho-mqtt 1.6.1 is missing from %s; run `make venv`" % PAHO_1_6_DIR)
+    router_id = "paho16-%s" % mqtt_version.replace(".", "")
+    prefix = "spotfi/router/%s/" % router_id
+    requester = requester_factory(mosquitto.port, [prefix + "rpc/#"])
+    router = router_factory(router_id, [mosquitto.port], transport="paho",
+                            options={"mqtt_version": mqtt_version})
+    base_environment = router.environment
+    router.environment = lambda: dict(
+        base_environment(), PYTHONPATH=PAHO_1_6_DIR + os.pathsep + base_environment()["PYTHONPATH"])
+    version = subprocess.run([sys.executable, "-c", "import paho.mqtt; print(paho.mqtt.__version__)"],
+                             env=router.environment(), capture_output=True, text=True, timeout=30)
+    check = subprocess.run([sys.executable, "-m", "spotfi_agent", "--root", router.root, "check"],
+                           env=router.environment(), capture_output=True, text=True, timeout=30)
+    router.start()
+    wait_until(lambda: fresh_status(mosquitto.port, router_id)[0] == "ONLINE", 10,
+               message="ONLINE")
+
+    requester.request(prefix + "rpc/request", ping("p16-1"), prefix + "rpc/response/api-3",
+                      b"corr-p16")
+    topic, result, correlation_data = requester.wait_for_result("p16-1")
+    router.signal(signal.SIGTERM)
+    exit_status = router.wait(5)
+    status = fresh_status(mosquitto.port, router_id)
+
+    assert version.stdout.strip() == "1.6.1"
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert ("with MQTT %s" % mqtt_version) in check.stdout
+    assert result["status"] == "success"
+    if mqtt_version == "5":
+        assert topic == prefix + "rpc/response/api-3"
+        assert correlation_data == b"corr-p16"
+    else:
+        # MQTT 3.1.1 carries no properties, so the result goes to rpc/response.
+        assert topic == prefix + "rpc/response"
+        assert correlation_data is None
+    assert exit_status == 0
+    assert status == ("OFFLINE", True)
+    assert "Traceback" not in router.log_text()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
