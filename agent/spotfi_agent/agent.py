@@ -34,8 +34,7 @@ class Agent:
 
         self.client = transport.create_client(
             settings.transport, self.loop, "router-" + self.router_id, settings.keepalive,
-            self.router_id, settings.token)
-        self.client.mqtt_version = settings.mqtt_version
+            self.router_id, settings.token, settings.mqtt_version)
         self.session = Session(self.loop, self.client, settings.brokers, self.topics,
                                self._tls_context)
         self.session.on_online = self._on_online

@@ -23,12 +23,12 @@ def check_connection(settings, out=None, err=None):
         try:
             client = transport.create_client(settings.transport, loop,
                                              "router-%s-check" % settings.router_id,
-                                             settings.keepalive, settings.router_id, settings.token)
+                                             settings.keepalive, settings.router_id, settings.token,
+                                             settings.mqtt_version)
             context = transport.tls_context(settings, broker)
         except (transport.TransportError, OSError, ValueError) as error:
             err.write("spotfi-agent: check failed: %s\n" % error)
             return 2
-        client.mqtt_version = settings.mqtt_version
         outcome = {}
         started = monotonic()
 

@@ -17,7 +17,7 @@ class TransportError(Exception):
     """Raised when the configured transport cannot be used on this runtime."""
 
 
-def create_client(name, loop, client_id, keepalive, username, password):
+def create_client(name, loop, client_id, keepalive, username, password, mqtt_version="5"):
     if name == "paho":
         try:
             from spotfi_agent.paho_transport import PahoClient
@@ -31,11 +31,12 @@ def create_client(name, loop, client_id, keepalive, username, password):
                                  "install spotfi-agent-paho`, which also installs "
                                  "python3-paho-mqtt, or set `uci set "
                                  "spotfi.main.transport=native`" % error)
-        return PahoClient(loop, client_id, keepalive, username, password)
+        return PahoClient(loop, client_id, keepalive, username, password,
+                          mqtt_version=mqtt_version)
     if name != "native":
         raise TransportError("unknown transport %r; use one of: %s" % (name, ", ".join(TRANSPORTS)))
     from spotfi_agent.mqtt import MqttClient
-    return MqttClient(loop, client_id, keepalive, username, password)
+    return MqttClient(loop, client_id, keepalive, username, password, mqtt_version=mqtt_version)
 
 
 def tls_context(settings, broker):
