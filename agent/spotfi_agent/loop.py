@@ -33,8 +33,8 @@ class Timer:
         self.cancelled = True
         # A cancelled timer stays in the loop's heap until it is due, which
         # for an RPC timeout is half a minute later. Dropping the callback
-        # now frees what it refers to (a finished command and its output);
-        # on a small MicroPython heap, hundreds of them ran it out of memory.
+        # now frees what it refers to, such as a finished command and its
+        # output. Hundreds of those ran a small MicroPython heap out of memory.
         self.callback = None
         self.args = ()
 

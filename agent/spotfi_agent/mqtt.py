@@ -6,9 +6,9 @@ sends keepalive pings by itself, treats a silent broker as a lost connection,
 retransmits unacknowledged QoS 1 messages after a reconnect, and never blocks
 the loop: connect, TLS handshake, reads and writes are all non-blocking.
 
-`mqtt_version` "5" (the default) connects with MQTT 5.0; a broker that
-rejects protocol version 5 is connected to again at once with MQTT 3.1.1,
-and so from then on. "3.1.1" uses MQTT 3.1.1 only.
+`mqtt_version` "5" (the default) connects with MQTT 5.0, and "3.1.1" with
+MQTT 3.1.1 only. Under "5", spotfi_agent.mqttversion switches a broker to
+3.1.1 when it rejects version 5 or sends no CONNACK for it.
 
 Callbacks (attributes, each optional):
     on_connect(session_present)

@@ -6,10 +6,10 @@ shows that it speaks only MQTT 3.1.1, in one of two ways:
 
 - it refuses version 5 in its CONNACK (MQTT 3.1.1 return code 1, or MQTT 5
   reason code 0x84): the client connects again at once with 3.1.1;
-- it sends no CONNACK for an MQTT 5 CONNECT (the connection times out or
-  closes first), as amqtt 0.12 does when the CONNECT carries a will or
-  a username: the next attempt uses 3.1.1, and the one after that 5 again if
-  3.1.1 got no CONNACK either.
+- it sends no CONNACK for an MQTT 5 CONNECT, because the connection times
+  out or closes first. amqtt 0.12 does so when the CONNECT carries a will
+  or a username. The next attempt then uses 3.1.1, and the one after that
+  uses 5 again if 3.1.1 got no CONNACK either.
 
 Either way, once the broker accepts 3.1.1 it keeps getting 3.1.1 until the
 agent restarts, and the change is logged once. With mqtt_version '3.1.1'

@@ -13,7 +13,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from spotfi_agent import mqttcodec
-from spotfi_agent.mqttversion import VersionChooser
+from spotfi_agent.mqttversion import MQTT_5, VersionChooser
 
 _PAHO_2 = hasattr(paho, "CallbackAPIVersion")
 
@@ -32,7 +32,7 @@ class PahoClient:
         self.mqtt_version = mqtt_version
         self.protocol_version = None
         self._versions = VersionChooser(client_id)
-        # True from a sent CONNECT until its CONNACK, whatever the answer.
+        # True from a sent CONNECT until its CONNACK arrives, whatever its code.
         self._awaiting_connack = False
         self.on_connect = None
         self.on_disconnect = None
@@ -70,7 +70,7 @@ class PahoClient:
 
     @property
     def _mqtt5(self):
-        return self.protocol_version == "5"
+        return self.protocol_version == MQTT_5
 
     def _new_paho(self):
         # paho rejects clean_session under MQTT 5, where connect() sets clean start.
