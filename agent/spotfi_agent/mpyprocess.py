@@ -97,6 +97,7 @@ class ShellJob:
         self.prefix = "%s/spotfi-agent-job-%s" % (temp_dir(), binascii.hexlify(os.urandom(8)).decode())
         self._finished = False
         self._killed_at = None
+        self._kill_sent = False
         self._poll_delay = FIRST_POLL
         self._timer = None
         self._start(timeout)
@@ -128,7 +129,8 @@ class ShellJob:
             if self.loop.time() - self._killed_at > KILL_WAIT:
                 self._finish()
                 return
-            self._send_kill()
+            if not self._kill_sent:
+                self._send_kill()
         self._poll_delay = min(self._poll_delay * 2, MAX_POLL)
         self.loop.call_later(self._poll_delay, self._poll)
 
@@ -182,6 +184,7 @@ class ShellJob:
         # live on, because the shell job cannot give it a process group of
         # its own without setsid, which busybox may lack.
         os.system("kill -9 %d >/dev/null 2>&1" % pid)
+        self._kill_sent = True
 
     def _finish(self):
         if self._finished:
