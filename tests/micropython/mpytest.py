@@ -5,6 +5,7 @@ neither pytest fixtures nor anything MicroPython lacks.
 """
 
 import os
+import socket
 import sys
 
 MICROPYTHON = sys.implementation.name == "micropython"
@@ -90,3 +91,22 @@ class TempDir:
     def __exit__(self, error_type, error, traceback):
         remove_tree(self.path)
         return False
+
+
+def listen_on_loopback(backlog=1):
+    """Return (listening socket, port) on 127.0.0.1.
+
+    MicroPython's socket has no getsockname(), so a port bound as 0 cannot
+    be read back: random ports are tried until one binds.
+    """
+    for _ in range(50):
+        port = 20000 + int.from_bytes(os.urandom(2), "big") % 40000
+        listener = socket.socket()
+        try:
+            listener.bind(socket.getaddrinfo("127.0.0.1", port)[0][-1])
+        except OSError:
+            listener.close()
+            continue
+        listener.listen(backlog)
+        return listener, port
+    raise AssertionError("no free port found on 127.0.0.1")

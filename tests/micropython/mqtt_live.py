@@ -17,8 +17,9 @@ Cases:
 """
 
 import os
-import socket
 import sys
+
+from mpytest import listen_on_loopback
 
 from spotfi_agent.brokerurl import BrokerURL
 from spotfi_agent.loop import Loop
@@ -211,23 +212,9 @@ def check_tls(port, ca_file, host, expect_success):
     client.disconnect()
 
 
-def _listen():
-    for _ in range(50):
-        port = 20000 + int.from_bytes(os.urandom(2), "big") % 40000
-        listener = socket.socket()
-        try:
-            listener.bind(socket.getaddrinfo("127.0.0.1", port)[0][-1])
-        except OSError:
-            listener.close()
-            continue
-        listener.listen(2)
-        return listener, port
-    raise CheckFailed("no free port found on 127.0.0.1")
-
-
 def check_dead_peer():
     loop = Loop()
-    listener, port = _listen()
+    listener, port = listen_on_loopback(2)
     accepted = []
     answer_connect = []
 

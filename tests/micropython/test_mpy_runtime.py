@@ -1,10 +1,9 @@
 """Loop, backoff, metrics, RPC validation and handler argv building, on CPython and MicroPython."""
 
 import json
-import os
 import socket
 
-from mpytest import TempDir, raises, write_file
+from mpytest import TempDir, listen_on_loopback, raises, write_file
 
 from spotfi_agent import metrics, rpc
 from spotfi_agent.handlers import HandlerArgumentError, HandlerRegistry, parse_template
@@ -73,27 +72,8 @@ def test_loop_survives_failing_callback():
     assert calls == ["after"]
 
 
-def _listen_on_loopback():
-    """Return (listening socket, port) on 127.0.0.1.
-
-    MicroPython's socket has no getsockname(), so a port bound as 0 cannot
-    be read back: random ports are tried until one binds.
-    """
-    for _ in range(50):
-        port = 20000 + int.from_bytes(os.urandom(2), "big") % 40000
-        listener = socket.socket()
-        try:
-            listener.bind(socket.getaddrinfo("127.0.0.1", port)[0][-1])
-        except OSError:
-            listener.close()
-            continue
-        listener.listen(1)
-        return listener, port
-    raise AssertionError("no free port found on 127.0.0.1")
-
-
 def test_loop_reader_and_writer():
-    listener, port = _listen_on_loopback()
+    listener, port = listen_on_loopback()
     loop = Loop()
     events = []
     client = None
@@ -278,7 +258,8 @@ def test_version_chooser_unanswered_and_refused():
     assert chooser.version_for(peer, "5") == "5"
     assert chooser.version_for(peer, "3.1.1") == "3.1.1"
 
-    # No CONNACK for MQTT 5: try 3.1.1 once; no answer to that either: back to 5.
+    # No CONNACK for MQTT 5 makes the next attempt 3.1.1. No CONNACK for that
+    # either makes the one after it 5 again.
     chooser.unanswered(peer, "5")
     assert chooser.version_for(peer, "5") == "3.1.1"
     chooser.unanswered(peer, "3.1.1")
